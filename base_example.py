@@ -1,0 +1,33 @@
+"""Part 1 — the base example: fine-tune StarCoder with a LoRA adapter on a quantized base (QLoRA).
+
+    python base_example.py                                                 # StarCoder 15.5B on CodeAlpaca (GPU)
+    python base_example.py --model tiny-starcoder --dataset stdlib-code   # the embedded demo, CPU, offline
+
+The steps: load data and tokenize it; load the base model quantized by bitsandbytes; prepare it for k-bit training
+and add LoRA (peft); train with the Hugging Face Trainer, evaluating as it goes; keep the best adapter.
+"""
+
+from finetune import cli, data, modeling, training
+from finetune.cli import TrainArguments
+
+
+def main(args: TrainArguments):
+    cli.check_positive(batch_size=args.batch_size, max_train_steps=args.max_train_steps, seq_length=args.seq_length)
+    tokenizer = modeling.load_tokenizer(args.model)
+    train_set, eval_set = data.split(data.load_texts(args.dataset), args.max_eval_samples, args.seed)
+    train_set = data.tokenize(train_set, tokenizer, args.seq_length)
+    eval_set = data.tokenize(eval_set, tokenizer, args.seq_length)
+
+    model = modeling.load_model(args.model, args.quantization)
+    model = modeling.add_lora(model, args.quantization, args.lora_r, args.lora_alpha, args.lora_dropout,
+                              args.lora_target_modules, args.gradient_checkpointing)
+    model.print_trainable_parameters()
+
+    trainer = training.build_trainer(args, model, tokenizer, train_set, eval_set)
+    trainer.train()
+    training.finish(trainer)
+    return trainer
+
+
+if __name__ == "__main__":
+    cli.run(main, TrainArguments)

@@ -1,0 +1,109 @@
+"""Model: the tokenizer, the quantized base on the right device, and the LoRA adapter on top."""
+
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
+
+from . import embedded
+from .cli import UsageError
+
+# The tutorial's `q_attn` exists only for GPTBigCode cross-attention, so it matches nothing in StarCoder.
+DEFAULT_LORA_TARGETS = {"gpt_bigcode": ["c_attn", "c_proj"]}
+
+
+def resolve(model: str) -> str:
+    return str(embedded.tiny_starcoder_path()) if model == embedded.TINY_MODEL else model
+
+
+def _not_found(model: str, error: Exception) -> UsageError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UsageError(f"could not load model {model!r}: {reason}. Check the hub id or path; for a gated model "
+                      f"(bigcode/starcoder is one) accept its licence and set HF_TOKEN; offline, use a local path "
+                      f"or `tiny-starcoder`.")
+
+
+def load_tokenizer(model: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    except (OSError, ValueError) as error:
+        raise _not_found(model, error) from None
+    if tokenizer.pad_token is None:  # StarCoder has none; labels mask padding, so reusing EOS is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the GPU has it (Ampere and newer), fp16 on older GPUs, fp32 on the CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == "4bit":  # QLoRA (Dettmers et al. 2023): NF4 storage, double quantization, 16-bit compute
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if quantization == "8bit":  # LLM.int8 (Dettmers et al. 2022), the tutorial's choice
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def device() -> torch.device:
+    """This process's device: under torchrun each rank takes its LOCAL_RANK's GPU. Never device_map="auto" with
+    several processes: it would spread one model over all GPUs and leave the other ranks' copies nowhere."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def load_model(model: str, quantization: str, **from_pretrained_kwargs):
+    """The base model, quantized as asked, on this process's device. Extra keyword arguments reach
+    `from_pretrained` (the benches pass `state_dict` and `config` to build a model from in-memory weights)."""
+    dtype = compute_dtype()
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolve(model) if model else None, dtype=dtype, device_map={"": device()},
+            quantization_config=quantization_config(quantization, dtype), **from_pretrained_kwargs)
+    except (OSError, ValueError) as error:
+        raise _not_found(model, error) from None
+
+
+def linear_layer_names(model) -> list[str]:
+    """Distinct names (last path component) of the model's linear layers, bitsandbytes layers and GPT-2's Conv1D
+    included: the names LoRA can target."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+
+
+def lora_targets(model, requested: str) -> list[str]:
+    available = linear_layer_names(model)
+    if requested:
+        targets = [name.strip() for name in requested.split(",") if name.strip()]
+    else:
+        model_type = model.config.model_type
+        targets = DEFAULT_LORA_TARGETS.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+            model_type, [])
+    if not set(targets) & set(available):
+        raise UsageError(f"LoRA targets {targets} match no layer of this model; its linear layers are {available} "
+                         f"(pass them with --lora_target_modules)")
+    return targets
+
+
+def add_lora(model, quantization: str, r: int, alpha: int, dropout: float, target_modules: str,
+             gradient_checkpointing: bool):
+    """Freeze the base, prepare a k-bit base for training, and wrap it with a trainable LoRA adapter."""
+    targets = lora_targets(model, target_modules)
+    if quantization != "none":
+        # Casts the non-quantized parameters (layer norms, embeddings) to fp32 for stable training.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,88 @@
+"""Training: W&B set up to work offline by default, the Trainer with our defaults, and the end of a run."""
+
+import glob
+import netrc
+import os
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .cli import TrainArguments
+from .data import collator
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def setup_wandb(args: TrainArguments) -> None:
+    """Point W&B at the output directory; without credentials (and no WANDB_MODE chosen), log offline so a run
+    never blocks on a login prompt or the network."""
+    if args.report_to != "wandb":
+        return
+    os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(args.output_dir))
+    if "WANDB_MODE" not in os.environ and not _wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
+    """The tutorial's Trainer settings on today's names (eval_strategy, not evaluation_strategy)."""
+    dtype = torch.cuda.is_available() and (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    settings = dict(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        max_steps=args.max_train_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, args.max_train_steps // 10),
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,  # the adapter kept at the end is the one with the lowest eval loss
+        metric_for_best_model="eval_loss",
+        logging_steps=args.logging_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        report_to=[args.report_to] if args.report_to != "none" else "none",
+        run_name=os.path.basename(os.path.abspath(args.output_dir)),
+        seed=args.seed,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, callbacks=(),
+                  **training_overrides) -> Trainer:
+    setup_wandb(args)
+    trainer = Trainer(model=model, args=training_arguments(args, **training_overrides), train_dataset=train_set,
+                      eval_dataset=eval_set, data_collator=collator(tokenizer), processing_class=tokenizer)
+    # Our callbacks go first: metrics they add to the logs in on_log then reach the console and W&B, whose
+    # callbacks the Trainer registered before any passed in.
+    trainer.callback_handler.callbacks[:0] = list(callbacks)
+    return trainer
+
+
+def finish(trainer: Trainer) -> None:
+    """Save the (best) adapter to output_dir, close the W&B run, and say where an offline run went."""
+    trainer.save_model()
+    if "wandb" not in trainer.args.report_to or not trainer.is_world_process_zero():
+        return
+    import wandb  # only when W&B is in use
+
+    if wandb.run is not None:
+        wandb.finish()
+    if os.environ.get("WANDB_MODE") == "offline":
+        runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")))
+        if runs:
+            print(f"W&B ran offline (no credentials found); upload the run with: wandb sync {runs[-1]}")
