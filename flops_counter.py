@@ -1,0 +1,264 @@
+"""Part 2 — counting achieved TFLOPs: FLOPs per token from the model itself, and a Trainer callback for TFLOPs and MFU.
+
+Depends only on torch and transformers, so it can be copied into any training script.
+
+The tutorial divides the Trainer's `state.total_flos` by the time spent inside training steps. `total_flos` is
+`6 x tokens x parameters` (Kaplan et al. 2020, "Scaling Laws", section 2.1): it counts padding tokens, charges frozen
+weights a weight gradient they never get, leaves out the tied LM head and attention, and is only updated when the
+Trainer logs or saves. We keep that metric for comparison (`achieved_tflops`) and add model FLOPs and MFU
+(Chowdhery et al. 2022, "PaLM", appendix B) counted from the layers that actually run.
+"""
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    model: float  # FLOPs of one training step per trained token: what MFU counts
+    hardware: float  # model FLOPs plus the forward recomputed under activation checkpointing: what HFU counts
+    breakdown: dict[str, float] = field(default_factory=dict)  # model FLOPs per token by component
+
+
+def _linear_shape(module) -> tuple[int, int] | None:
+    """(in, out) of a linear layer: nn.Linear and its bitsandbytes subclasses (Linear4bit, Linear8bitLt, whose
+    packed weight has another shape, hence in_/out_features), LoRA's A and B, and GPT-2's transposed Conv1D."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return None
+
+
+def _attention_heads(config) -> tuple[int, int]:
+    """(query heads, head dim). Key/value heads (multi-query, grouped-query) change memory, not matmul FLOPs: every
+    query head still takes a score with every position and a weighted sum of values."""
+    heads = config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -> FlopsPerToken:
+    """FLOPs per trained token of one forward and backward pass of `model` on sequences of `seq_len` tokens.
+
+    Convention (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", section 5.1;
+    PaLM appendix B), matrix multiplications only (norms, activations and softmax are a rounding error):
+    - forward: 2 FLOPs per multiply-accumulate, so 2 x in x out per token for each linear layer;
+    - backward: the input gradient (2 x in x out) for every layer that gradients pass through, i.e. every layer
+      after the first trainable parameter; the weight gradient (2 x in x out) only where the weight is trainable.
+      A frozen base under LoRA therefore costs 4 FLOPs per weight per token, not 6;
+    - attention per layer: Q.K^T and P.V take 4 x seq_len x heads x head_dim per token over all positions; causal
+      masking needs only half of them, so the forward counts 2 x seq_len x heads x head_dim and the backward twice
+      that (gradients of both operands of both matmuls);
+    - activation checkpointing recomputes the forward of every checkpointed decoder layer once more: that is
+      hardware FLOPs, not model FLOPs.
+    Layers are read from the model (its Linear and Conv1D modules, quantized or not, LoRA adapters included) in
+    registration order, which follows the forward pass in Hugging Face causal LMs; heads and head size come from
+    the config. Embedding lookups cost no FLOPs; a tied LM head is a full matmul and is counted.
+    """
+    heads, head_dim = _attention_heads(model.config)
+    counts = dict.fromkeys(["linear_forward", "linear_input_grad", "linear_weight_grad", "attention_forward",
+                            "attention_backward"], 0.0)
+    recompute = [0.0]
+
+    def linear(module, shape, gradient_flows: bool, checkpointed: bool) -> bool:
+        matmul = 2 * shape[0] * shape[1]
+        trainable = module.weight.requires_grad
+        counts["linear_forward"] += matmul
+        counts["linear_input_grad"] += matmul if gradient_flows else 0
+        counts["linear_weight_grad"] += matmul if trainable else 0
+        recompute[0] += matmul if checkpointed else 0
+        return gradient_flows or trainable
+
+    def walk(module, gradient_flows: bool, checkpointed: bool, block: bool = False) -> bool:
+        """Counts `module`; returns whether gradients flow out of it. In a decoder layer's blocks (attention, MLP)
+        every projection but the last reads the block's input (q/k/v, gate/up, c_attn, c_fc), so each needs an
+        input gradient only if that input carries one; the last reads their combined result."""
+        shape = _linear_shape(module)
+        if shape is not None:
+            return linear(module, shape, gradient_flows, checkpointed)
+        checkpointed = checkpointed or (gradient_checkpointing and isinstance(module, GradientCheckpointingLayer))
+        children = [c for c in module.children() if any(_linear_shape(m) for m in c.modules())]
+        if not block or len(children) < 2:
+            is_layer = isinstance(module, GradientCheckpointingLayer)
+            for child in children:
+                gradient_flows = walk(child, gradient_flows, checkpointed, block=is_layer)
+            return gradient_flows
+        inputs = [walk(child, gradient_flows, checkpointed) for child in children[:-1]]
+        if type(module).__name__.endswith("Attention"):
+            # Separate q/k/v projections may differ (LoRA on q and v only): Q.K^T needs dQ only if q carries a
+            # gradient and dK only if k does; P.V needs dP if either does, dV if v does. Fused qkv: all alike.
+            q, k, v = inputs if len(inputs) == 3 else [any(inputs)] * 3
+            matmul = seq_len * heads * head_dim  # one of the two, causal: half of 2 x seq_len x heads x head_dim
+            counts["attention_forward"] += 2 * matmul
+            counts["attention_backward"] += matmul * (q + k + (q or k) + v)
+            recompute[0] += 2 * matmul if checkpointed else 0
+        return walk(children[-1], any(inputs), checkpointed)
+
+    # Gradients reach the first layer's input only if the embeddings train, or if a hook makes their output
+    # require grad (peft's enable_input_require_grads, used for reentrant activation checkpointing).
+    embeddings = model.get_input_embeddings()
+    walk(model, any(p.requires_grad for p in embeddings.parameters()) or bool(embeddings._forward_hooks), False)
+    model_flops = sum(counts.values())
+    return FlopsPerToken(model=model_flops, hardware=model_flops + recompute[0], breakdown=counts)
+
+
+# Dense (no 2:4 sparsity) 16-bit tensor-core peaks in TFLOP/s; bf16 and fp16 are equal on all of these. Datasheets
+# print the sparse figure; dense is half of it. Matched against torch.cuda.get_device_name(), first match wins.
+PEAK_TFLOPS_16BIT = [
+    ("H200 NVL", 835.5),  # NVIDIA H200 datasheet: H200 NVL BF16 1,671 TFLOPS with sparsity
+    ("H200", 989.5),  # NVIDIA H200 datasheet: H200 SXM BF16 1,979 TFLOPS with sparsity
+    ("H100 NVL", 835.5),  # NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS with sparsity
+    ("H100 PCIe", 756.5),  # NVIDIA H100 datasheet: H100 PCIe BF16 1,513 TFLOPS with sparsity
+    ("H100", 989.5),  # NVIDIA H100 datasheet: H100 SXM BF16 1,979 TFLOPS with sparsity
+    ("A100", 312.0),  # NVIDIA A100 datasheet: BF16 312 TFLOPS dense (SXM and PCIe alike)
+    ("L40S", 362.05),  # NVIDIA L40S datasheet: BF16 362.05 TFLOPS dense
+    ("L4", 121.0),  # NVIDIA L4 datasheet: BF16 242 TFLOPS with sparsity
+    ("A10", 125.0),  # NVIDIA A10 datasheet: BF16 125 TFLOPS dense
+    ("RTX 4090", 165.2),  # NVIDIA Ada Lovelace architecture whitepaper, appendix: FP16/BF16 with FP32 accumulate
+    ("RTX 6000 Ada", 364.2),  # NVIDIA RTX 6000 Ada datasheet: 1,457 TFLOPS FP8 sparse; 16-bit is a quarter of it
+]
+UNPUBLISHED = ("A10G",)  # AWS's A10 variant: NVIDIA publishes no datasheet for it, so we do not guess
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """Peak dense 16-bit TFLOP/s of a device, from `override`, $PEAK_TFLOPS, or the table; None if unknown."""
+    override = override or float(os.environ.get("PEAK_TFLOPS", 0)) or None
+    if override:
+        return override
+    if any(name in device_name for name in UNPUBLISHED):
+        return None
+    return next((peak for name, peak in PEAK_TFLOPS_16BIT if name in device_name), None)
+
+
+class TFLOPSCallback(TrainerCallback):
+    """Logs, at every logging step and at the end of training (keys gain W&B's `train/` prefix):
+
+    - `achieved_tflops`, `time_in_train_steps`: the tutorial's metric, `total_flos` over the summed step time;
+    - `model_tflops` and `mfu`, `hardware_tflops` and `hfu`: `flops_per_token` applied to the tokens actually
+      trained (padding excluded; attention charged by each sequence's own length), over the time in steps after
+      the first `warmup_steps` (allocator warm-up and compilation are reported alone, as `warmup_seconds`);
+    - `tokens_per_second`, `samples_per_second`, `peak_memory_gib`, and `outside_steps_share`: the share of the
+      measured wall time spent between steps (data loading, evaluation, saving).
+    Step boundaries are CUDA-synchronised, so queued GPU work is charged to the step that queued it. Under several
+    processes the per-GPU values are for one GPU and `world_*` are the totals. MFU needs the device's peak:
+    from `peak_tflops`, $PEAK_TFLOPS or the table above; on an unknown GPU or the CPU it is left out.
+
+    Add it before the W&B callback (first in `trainer.callback_handler.callbacks`) so the values it adds to the
+    logs travel with the loss on the `train/global_step` axis; or pass `logging_callback=wandb.log` as the
+    tutorial did.
+    """
+
+    def __init__(self, warmup_steps: int = 2, peak_tflops: float | None = None, logging_callback=None,
+                 clock=time.perf_counter):
+        self.warmup_steps = warmup_steps
+        self.peak_override = peak_tflops
+        self.logging_callback = logging_callback
+        self.clock = clock
+        self.summary: dict[str, float] = {}
+
+    # -- set-up: FLOPs per token, and a hook that counts the tokens each training forward sees ---------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        # Cost of a sequence of n tokens is n * (base + slope * n): linear layers per token, attention per position.
+        at_zero, at_one = flops_per_token(model, 0, checkpointing), flops_per_token(model, 1, checkpointing)
+        self.model_coefficients = (at_zero.model, at_one.model - at_zero.model)
+        self.hardware_coefficients = (at_zero.hardware, at_one.hardware - at_zero.hardware)
+        self.device = next(model.parameters()).device
+        self.counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # tokens, sum of n^2, sequences
+        self.hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+        self.cuda = self.device.type == "cuda"
+        name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.peak = peak_tflops(name, self.peak_override) if self.cuda else None
+        if self.cuda and self.peak is None:
+            warnings.warn(f"no peak TFLOP/s known for {name!r}: MFU is left out; set PEAK_TFLOPS to add it")
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.step_times: list[float] = []
+        self.measured_from = None  # counts and clock at the end of warm-up
+        self.window_start = self.last_step_end = None
+
+    def _count_tokens(self, module, args, kwargs):
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        # Tensors only: a .item() here would stall the GPU pipeline on every micro-batch.
+        lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        lengths = lengths.to(self.counts)
+        self.counts += torch.stack([lengths.sum(), (lengths**2).sum(), torch.tensor(float(len(lengths)),
+                                                                                      device=self.device)])
+
+    # -- timing: synchronised step boundaries -------------------------------------------------------------------
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = self._now()
+        if len(self.step_times) == self.warmup_steps and self.window_start is None:
+            self.window_start = self.step_start
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_step_end = self._now()
+        self.step_times.append(self.last_step_end - self.step_start)
+        if len(self.step_times) == self.warmup_steps:
+            self.measured_from = self.counts.clone()
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+    def metrics(self, state) -> dict[str, float]:
+        in_steps = sum(self.step_times)
+        values = {"time_in_train_steps": in_steps,
+                  "achieved_tflops": state.total_flos / in_steps / 1e12 if in_steps else 0.0,
+                  "warmup_seconds": sum(self.step_times[: self.warmup_steps])}
+        measured = self.step_times[self.warmup_steps :]
+        if not measured:
+            return values
+        seconds = sum(measured)
+        tokens, squares, sequences = (self.counts - (self.measured_from if self.warmup_steps else 0)).tolist()
+        model_flops = self.model_coefficients[0] * tokens + self.model_coefficients[1] * squares
+        hardware_flops = self.hardware_coefficients[0] * tokens + self.hardware_coefficients[1] * squares
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            totals = torch.tensor([tokens, sequences, model_flops, hardware_flops], device=self.device)
+            torch.distributed.all_reduce(totals)
+            slowest = torch.tensor([seconds], device=self.device)
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            tokens, sequences, model_flops, hardware_flops = (totals / world).tolist()  # per-GPU means
+            seconds = slowest.item()
+        values.update(
+            model_tflops=model_flops / seconds / 1e12,
+            hardware_tflops=hardware_flops / seconds / 1e12,
+            tokens_per_second=tokens / seconds,
+            samples_per_second=sequences / seconds,
+            outside_steps_share=1 - seconds / (self.last_step_end - self.window_start),
+        )
+        if world > 1:
+            values.update(world_model_tflops=values["model_tflops"] * world,
+                          world_tokens_per_second=values["tokens_per_second"] * world)
+        if self.peak:
+            values.update(mfu=values["model_tflops"] / self.peak, hfu=values["hardware_tflops"] / self.peak)
+        if self.cuda:
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return values
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not ({"loss", "train_loss"} & logs.keys()):
+            return  # evaluation rows carry no training throughput
+        self.summary = self.metrics(state)
+        logs.update(self.summary)
+        if state.log_history:
+            state.log_history[-1].update(self.summary)
+        if self.logging_callback is not None and state.is_world_process_zero:
+            self.logging_callback({f"train/{key}": value for key, value in self.summary.items()})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.hook.remove()
