@@ -62,6 +62,13 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
+def length_grouped(enabled: bool) -> dict:
+    """Trainer settings for batches of similar lengths (less padding); the name changed within transformers 5."""
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if enabled else "random"}
+    return {"group_by_length": enabled}
+
+
 def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, callbacks=(),
                   **training_overrides) -> Trainer:
     setup_wandb(args)
