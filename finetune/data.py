@@ -37,6 +37,10 @@ def load_texts(name: str) -> Dataset:
         raise
     except Exception as error:  # datasets raises many types; the user needs the name and the first line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if extension in LOCAL_FORMATS:
+            if os.path.getsize(name) == 0 or "corresponds to no data" in reason:  # datasets' word for no rows
+                raise UsageError(f"dataset {name!r} is empty") from None
+            raise UsageError(f"could not read dataset file {name!r} as {LOCAL_FORMATS[extension]}: {reason}") from None
         raise UsageError(f"could not load dataset {name!r}: {reason}. Check the name or path; for a gated or "
                          f"private Hub dataset set HF_TOKEN; offline, use a local file or `stdlib-code`.") from None
     columns = set(dataset.column_names)

@@ -1,0 +1,45 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Offline everywhere: a Hub lookup fails at once instead of retrying, W&B never prompts or uploads.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.pop("WANDB_MODE", None)
+os.environ.setdefault("STARCODER_LORA_CACHE", str(ROOT / ".pytest_cache" / "embedded"))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from finetune.cli import TrainArguments  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_env(monkeypatch):
+    # setup_wandb writes these into os.environ; each test starts without them.
+    for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def tiny_args(output_dir, **overrides) -> TrainArguments:
+    """A few-second run on the embedded model: short sequences, few steps, no W&B unless asked."""
+    settings = dict(model="tiny-starcoder", dataset="stdlib-code", seq_length=64, batch_size=4, max_train_steps=6,
+                    eval_steps=3, logging_steps=1, max_eval_samples=8, report_to="none", output_dir=str(output_dir))
+    settings.update(overrides)
+    return TrainArguments(**settings)
+
+
+@pytest.fixture
+def few_examples(tmp_path) -> str:
+    """Three short prompt/completion pairs: one is held out, the other two form the same batch at every step."""
+    path = tmp_path / "few.jsonl"
+    pairs = [("Add one to x.", "def inc(x):\n    return x + 1"),
+             ("Double x.", "def double(x):\n    return 2 * x"),
+             ("Negate x.", "def neg(x):\n    return -x")]
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return str(path)
