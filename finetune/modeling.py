@@ -61,12 +61,12 @@ def device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def load_model(model: str, quantization: str, **from_pretrained_kwargs):
-    """The base model, quantized as asked, on this process's device. Extra keyword arguments reach
-    `from_pretrained` (the benches pass `state_dict` and `config` to build a model from in-memory weights)."""
+def load_model(model: str | None, quantization: str, model_class=AutoModelForCausalLM, **from_pretrained_kwargs):
+    """The base model, quantized as asked, on this process's device. The benches build a model from in-memory
+    weights through the same path: `model=None`, the architecture's class, and `config=` and `state_dict=`."""
     dtype = compute_dtype()
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return model_class.from_pretrained(
             resolve(model) if model else None, dtype=dtype, device_map={"": device()},
             quantization_config=quantization_config(quantization, dtype), **from_pretrained_kwargs)
     except (OSError, ValueError) as error:
