@@ -89,6 +89,7 @@ def finish(trainer: Trainer) -> None:
 
     if wandb.run is not None:
         wandb.finish()
+    wandb.teardown()  # forget this run's settings (its directory), so a second run in this process gets its own
     if os.environ.get("WANDB_MODE") == "offline":
         runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")))
         if runs:
