@@ -61,10 +61,12 @@ def device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def load_model(model: str | None, quantization: str, model_class=AutoModelForCausalLM, **from_pretrained_kwargs):
-    """The base model, quantized as asked, on this process's device. The benches build a model from in-memory
-    weights through the same path: `model=None`, the architecture's class, and `config=` and `state_dict=`."""
-    dtype = compute_dtype()
+def load_model(model: str | None, quantization: str, dtype: torch.dtype | None = None,
+               model_class=AutoModelForCausalLM, **from_pretrained_kwargs):
+    """The base model, quantized as asked, on this process's device, in `dtype` (default: compute_dtype()). The
+    benches build a model from in-memory weights through the same path: `model=None`, the architecture's class,
+    and `config=` and `state_dict=`."""
+    dtype = dtype or compute_dtype()
     try:
         return model_class.from_pretrained(
             resolve(model) if model else None, dtype=dtype, device_map={"": device()},
@@ -95,15 +97,18 @@ def lora_targets(model, requested: str) -> list[str]:
 
 
 def add_lora(model, quantization: str, r: int, alpha: int, dropout: float, target_modules: str,
-             gradient_checkpointing: bool):
-    """Freeze the base, prepare a k-bit base for training, and wrap it with a trainable LoRA adapter."""
+             gradient_checkpointing: bool, fp32_upcast: bool = True, fp32_adapter: bool = True):
+    """Freeze the base and wrap it with a trainable LoRA adapter.
+
+    `fp32_upcast`: peft's prepare_model_for_kbit_training, which keeps fp32 copies of every non-quantized weight
+    (norms, embeddings, the tied LM head): the QLoRA default, but each forward then casts them back to 16 bits.
+    `fp32_adapter`: LoRA weights in fp32 (peft's default) rather than the compute dtype.
+    """
     targets = lora_targets(model, target_modules)
-    if quantization != "none":
-        # Casts the non-quantized parameters (layer norms, embeddings) to fp32 for stable training.
+    if quantization != "none" and fp32_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable()  # non-reentrant (transformers' default): frozen inputs are fine
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter)

@@ -1,0 +1,227 @@
+"""Named fine-tuning recipes side by side on StarCoder's architecture with random weights: tokens/s, MFU, memory.
+
+    python bench/recipes.py --size 15b --recipes tutorial,common_qlora,fast,lean --json results.json   # one GPU
+    python bench/recipes.py --size tiny --recipes tutorial,fast --steps 2                              # CPU check
+
+The model is built through the scripts' own loading path, `from_pretrained(None, config=..., state_dict=...,
+quantization_config=...)`, with random weights: no download, the same quantized layers as a real checkpoint. Each
+recipe trains in its own subprocess with the real Trainer, our LoRA set-up and TFLOPSCallback; the first
+`--warmup` steps are excluded. Throughput counts non-padding tokens. The same run measures the bf16 matmul ceiling.
+With `--verify_flops`, the first recipe also counts one step's FLOPs with torch's FlopCounterMode and times the
+steps with CUDA events: an independent check of the callback's model TFLOP/s.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Each recipe: quantization, 16-bit type, batch x sequence, padded short examples or packed full blocks, and the
+# training options. "tutorial" is the tutorial's; "common_qlora" the usual QLoRA recipe (TRL's and the
+# personal-copilot examples: NF4, bf16, gradient checkpointing); the rest are ours (docs/PERFORMANCE.md).
+RECIPES = {
+    "tutorial": dict(quantization="8bit", dtype="float16", batch=1, seq=512, padded=True, checkpointing=False,
+                     fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False),
+    "common_qlora": dict(quantization="4bit", dtype="bfloat16", batch=8, seq=2048, padded=False, checkpointing=True,
+                         fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False),
+    "nf4": dict(quantization="4bit", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
+                fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False),
+    "fast": dict(quantization="4bit", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
+                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False),
+    "fast_b4": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
+                    fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False),
+    "fast_compile": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
+                         fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=True),
+    "lean": dict(quantization="4bit", dtype="bfloat16", batch=1, seq=2048, padded=False, checkpointing=True,
+                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False),
+    "bf16_lora": dict(quantization="none", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
+                      fp32_upcast=False, fp32_adapter=True, dropout=0.05, compile=False),
+}
+
+
+def matmul_ceiling() -> float | None:
+    """bf16 TFLOP/s of a large matrix product on random data: the practical ceiling on this GPU."""
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def random_state_dict(config, dtype) -> dict:
+    """StarCoder-shaped random weights (GPT-2-style N(0, 0.02) init) on the GPU, for the loading path to quantize."""
+    from transformers import GPTBigCodeForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in GPTBigCodeForCausalLM(config).state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(0)
+    return {name: (torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.02)
+            for name, shape in shapes.items()}
+
+
+def synthetic_examples(recipe: dict, count: int, vocab: int):
+    """Random token ids: full `seq` blocks (packed), or short examples of 64..seq tokens padded per batch."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = (torch.randint(64, recipe["seq"] + 1, (count,), generator=generator).tolist() if recipe["padded"]
+               else [recipe["seq"]] * count)
+    ids = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+class CudaEventTimer:
+    """Independent step timing for --verify_flops: CUDA events at step boundaries, read after training."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+                timer.events[-1][0].record()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.events[-1][1].record()
+
+        self.events, self.callback = [], Callback()
+
+    def seconds(self, skip: int) -> float:
+        torch.cuda.synchronize()
+        return sum(begin.elapsed_time(end) for begin, end in self.events[skip:]) / 1e3
+
+
+def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, seq_length: int = 0) -> dict:
+    from bench.starcoder_shapes import starcoder_config
+    from finetune import modeling, training
+    from finetune.cli import TrainArguments
+    from flops_counter import TFLOPSCallback, flops_per_token
+    from transformers import GPTBigCodeForCausalLM
+
+    recipe = dict(RECIPES[name], seq=seq_length or RECIPES[name]["seq"])
+    dtype = getattr(torch, recipe["dtype"]) if torch.cuda.is_available() else torch.float32
+    config = starcoder_config(size)
+    config._attn_implementation = "sdpa"
+    state_dict = random_state_dict(config, dtype)
+    started = time.perf_counter()
+    model = modeling.load_model(None, recipe["quantization"], dtype, model_class=GPTBigCodeForCausalLM,
+                                config=config, state_dict=state_dict)
+    del state_dict
+    load_seconds = time.perf_counter() - started
+    model = modeling.add_lora(model, recipe["quantization"], 16, 32, recipe["dropout"], "c_attn,c_proj",
+                              recipe["checkpointing"], recipe["fp32_upcast"], recipe["fp32_adapter"])
+    tokenizer = modeling.load_tokenizer("tiny-starcoder")  # only its pad id is used, by the collator
+    total_steps = warmup + steps
+    train_set = synthetic_examples(recipe, total_steps * recipe["batch"], config.vocab_size)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainArguments(model="random", seq_length=recipe["seq"], batch_size=recipe["batch"],
+                              max_train_steps=total_steps, logging_steps=total_steps, report_to="none",
+                              output_dir=output_dir)
+        tflops = TFLOPSCallback(warmup_steps=warmup)
+        timer = CudaEventTimer() if verify_flops and torch.cuda.is_available() else None
+        on_gpu = torch.cuda.is_available()
+        trainer = training.build_trainer(
+            args, model, tokenizer, train_set, None, callbacks=[tflops] + ([timer.callback] if timer else []),
+            eval_strategy="no", save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
+            bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16,
+            torch_compile=recipe["compile"], dataloader_num_workers=2, dataloader_pin_memory=on_gpu,
+            **training.length_grouped(False))
+        trainer.train()
+    result = {"recipe": name, **recipe, "size": size, "load_seconds": load_seconds, **tflops.summary,
+              "flops_per_token": flops_per_token(model, recipe["seq"]).model}
+    if timer:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        batch = {key: torch.tensor(train_set[:recipe["batch"]][key], device="cuda") for key in ("input_ids", "labels")}
+        counter = FlopCounterMode(display=False)
+        with counter, torch.autocast("cuda", dtype=dtype):
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        ours = flops_per_token(model, recipe["seq"])
+        # FlopCounterMode charges full attention; the model count charges causal attention as half of it.
+        attention_half = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
+        tokens = recipe["batch"] * recipe["seq"]
+        counted = counter.get_total_flops() - attention_half * tokens
+        result["verify"] = {"flop_counter_per_token": counted / tokens,
+                            "event_model_tflops": counted * steps / timer.seconds(warmup) / 1e12,
+                            "callback_model_tflops": tflops.summary["model_tflops"]}
+    return result
+
+
+def main(options) -> list[dict]:
+    ceiling = matmul_ceiling()
+    header = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+              "torch": torch.__version__, "bf16_matmul_tflops": ceiling,
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    for package in ("transformers", "peft", "bitsandbytes", "accelerate"):
+        header[package] = __import__(package).__version__
+    print(json.dumps(header))
+    results = []
+    for index, name in enumerate(options.recipes.split(",")):
+        command = [sys.executable, __file__, "--one", name, "--size", options.size, "--steps", str(options.steps),
+                   "--warmup", str(options.warmup), "--seq_length", str(options.seq_length)] + (["--verify_flops"] if options.verify_flops and not index else [])
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode == 0 and lines:
+            results.append(json.loads(lines[-1]))
+        else:
+            error = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+            status = "oom" if "out of memory" in done.stderr.lower() else "error"
+            results.append({"recipe": name, **RECIPES[name], "status": status, "error": error[0][:300]})
+        print(json.dumps(results[-1]), flush=True)
+    print(f"\n{header['gpu']}, StarCoder-{options.size} random weights, {header['date']}, torch {header['torch']}, "
+          f"bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s")
+    print(f"{'recipe':14s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>4s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'peak GiB':>8s}")
+    for row in results:
+        if "tokens_per_second" not in row:
+            print(f"{row['recipe']:14s} {row['status']}: {row['error']}")
+            continue
+        print(f"{row['recipe']:14s} {row['quantization']:5s} {row['batch']:>4d} x {row['seq']:<4d} "
+              f"{'yes' if row['checkpointing'] else 'no':>4s} {row['tokens_per_second']:9.0f} "
+              f"{row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} {row.get('peak_memory_gib', 0):8.1f}")
+        if "verify" in row:
+            v = row["verify"]
+            print(f"  verify: callback {v['callback_model_tflops']:.1f} TFLOP/s vs FlopCounterMode over CUDA events "
+                  f"{v['event_model_tflops']:.1f} ({v['callback_model_tflops'] / v['event_model_tflops'] - 1:+.2%})")
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump({**header, "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="15b", choices=["15b", "7b", "3b", "1b", "tiny"])
+    parser.add_argument("--recipes", default="tutorial,common_qlora,fast,lean")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per recipe")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
+    parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")
+    parser.add_argument("--verify_flops", action="store_true")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
+    options = parser.parse_args()
+    if options.one:
+        print(json.dumps(run_one(options.one, options.size, options.steps, options.warmup, options.verify_flops,
+                                 options.seq_length)))
+    else:
+        main(options)
