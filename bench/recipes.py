@@ -110,7 +110,8 @@ class CudaEventTimer:
         return sum(begin.elapsed_time(end) for begin, end in self.events[skip:]) / 1e3
 
 
-def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, seq_length: int = 0) -> dict:
+def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, seq_length: int = 0,
+            profile_dir: str = "") -> dict:
     from bench.starcoder_shapes import starcoder_config
     from finetune import modeling, training
     from finetune.cli import TrainArguments
@@ -153,9 +154,12 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
 
         batch = {key: torch.tensor(train_set[:recipe["batch"]][key], device="cuda") for key in ("input_ids", "labels")}
         counter = FlopCounterMode(display=False)
+        # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11).
+        model.base_model.model.set_attn_implementation("eager")
         with counter, torch.autocast("cuda", dtype=dtype):
             model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
+        model.base_model.model.set_attn_implementation("sdpa")
         ours = flops_per_token(model, recipe["seq"])
         # FlopCounterMode charges full attention; the model count charges causal attention as half of it.
         attention_half = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
@@ -164,7 +168,26 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
         result["verify"] = {"flop_counter_per_token": counted / tokens,
                             "event_model_tflops": counted * steps / timer.seconds(warmup) / 1e12,
                             "callback_model_tflops": tflops.summary["model_tflops"]}
+    if profile_dir and torch.cuda.is_available():
+        result["profile"] = profile_step(model, train_set, recipe, dtype, profile_dir)
     return result
+
+
+def profile_step(model, train_set, recipe: dict, dtype, out_dir: str) -> str:
+    """One training step under torch.profiler: the top CUDA kernels by time, written as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = {key: torch.tensor(train_set[:recipe["batch"]][key], device="cuda") for key in ("input_ids", "labels")}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        with torch.autocast("cuda", dtype=dtype):
+            model(**batch).loss.backward()
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    path = os.path.join(out_dir, f"profile-{recipe['quantization']}-{recipe['batch']}x{recipe['seq']}.txt")
+    with open(path, "w") as f:
+        f.write(table)
+    return path
 
 
 def main(options) -> list[dict]:
@@ -178,7 +201,9 @@ def main(options) -> list[dict]:
     results = []
     for index, name in enumerate(options.recipes.split(",")):
         command = [sys.executable, __file__, "--one", name, "--size", options.size, "--steps", str(options.steps),
-                   "--warmup", str(options.warmup), "--seq_length", str(options.seq_length)] + (["--verify_flops"] if options.verify_flops and not index else [])
+                   "--warmup", str(options.warmup), "--seq_length", str(options.seq_length)]
+        command += ["--verify_flops"] if options.verify_flops and not index else []
+        command += ["--profile_dir", options.profile_dir] if name in options.profile.split(",") else []
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == 0 and lines:
@@ -216,12 +241,14 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=5, help="measured steps per recipe")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
     parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")
-    parser.add_argument("--verify_flops", action="store_true")
+    parser.add_argument("--verify_flops", action="store_true", help="check the first recipe's FLOPs count")
+    parser.add_argument("--profile", default="", help="recipes to profile one step of (comma-separated)")
+    parser.add_argument("--profile_dir", default=".", help="where the profile tables go")
     parser.add_argument("--json", default="")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     if options.one:
         print(json.dumps(run_one(options.one, options.size, options.steps, options.warmup, options.verify_flops,
-                                 options.seq_length)))
+                                 options.seq_length, options.profile_dir)))
     else:
         main(options)
