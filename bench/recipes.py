@@ -30,21 +30,32 @@ sys.path.insert(0, ROOT)
 # personal-copilot examples: NF4, bf16, gradient checkpointing); the rest are ours (docs/PERFORMANCE.md).
 RECIPES = {
     "tutorial": dict(quantization="8bit", dtype="float16", batch=1, seq=512, padded=True, checkpointing=False,
-                     fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False),
+                     fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
     "common_qlora": dict(quantization="4bit", dtype="bfloat16", batch=8, seq=2048, padded=False, checkpointing=True,
-                         fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False),
+                         fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
     "nf4": dict(quantization="4bit", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
-                fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False),
+                fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
     "fast": dict(quantization="4bit", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
-                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False),
+                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=True),
     "fast_b4": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
-                    fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False),
+                    fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=True),
     "fast_compile": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
-                         fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=True),
+                         fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=True, autocast=True),
+    # Ours without autocast: every weight, norm and activation stays bf16, so no layer casts its input or output.
+    "fast_pure": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
+                      fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=False),
+    "fast_pure_b8": dict(quantization="4bit", dtype="bfloat16", batch=8, seq=2048, padded=False,
+                         checkpointing=False, fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False,
+                         autocast=False),
+    "fast_pure_fp32_adapter": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False,
+                                   checkpointing=False, fp32_upcast=False, fp32_adapter=True, dropout=0.0,
+                                   compile=False, autocast=False),
+    "lean_pure": dict(quantization="4bit", dtype="bfloat16", batch=1, seq=2048, padded=False, checkpointing=True,
+                      fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=False),
     "lean": dict(quantization="4bit", dtype="bfloat16", batch=1, seq=2048, padded=False, checkpointing=True,
-                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False),
+                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=True),
     "bf16_lora": dict(quantization="none", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
-                      fp32_upcast=False, fp32_adapter=True, dropout=0.05, compile=False),
+                      fp32_upcast=False, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
 }
 
 
@@ -143,7 +154,8 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
         trainer = training.build_trainer(
             args, model, tokenizer, train_set, None, callbacks=[tflops] + ([timer.callback] if timer else []),
             eval_strategy="no", save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
-            bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16,
+            bf16=on_gpu and recipe["autocast"] and dtype == torch.bfloat16,
+            fp16=on_gpu and recipe["autocast"] and dtype == torch.float16,
             torch_compile=recipe["compile"], dataloader_num_workers=2, dataloader_pin_memory=on_gpu,
             **training.length_grouped(False))
         trainer.train()
@@ -152,21 +164,22 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
     if timer:
         from torch.utils.flop_counter import FlopCounterMode
 
-        batch = {key: torch.tensor(train_set[:recipe["batch"]][key], device="cuda") for key in ("input_ids", "labels")}
+        # One sequence: eager attention keeps every score matrix, which at full batch does not fit.
+        batch = {key: torch.tensor(train_set[:1][key], device="cuda") for key in ("input_ids", "labels")}
         counter = FlopCounterMode(display=False)
         # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11).
         model.base_model.model.set_attn_implementation("eager")
-        with counter, torch.autocast("cuda", dtype=dtype):
+        with counter, torch.autocast("cuda", dtype=dtype, enabled=recipe["autocast"]):
             model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
         model.base_model.model.set_attn_implementation("sdpa")
         ours = flops_per_token(model, recipe["seq"])
         # FlopCounterMode charges full attention; the model count charges causal attention as half of it.
         attention_half = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
-        tokens = recipe["batch"] * recipe["seq"]
+        tokens = recipe["seq"]
         counted = counter.get_total_flops() - attention_half * tokens
         result["verify"] = {"flop_counter_per_token": counted / tokens,
-                            "event_model_tflops": counted * steps / timer.seconds(warmup) / 1e12,
+                            "event_model_tflops": counted * recipe["batch"] * steps / timer.seconds(warmup) / 1e12,
                             "callback_model_tflops": tflops.summary["model_tflops"]}
     if profile_dir and torch.cuda.is_available():
         result["profile"] = profile_step(model, train_set, recipe, dtype, profile_dir)
@@ -179,7 +192,7 @@ def profile_step(model, train_set, recipe: dict, dtype, out_dir: str) -> str:
 
     batch = {key: torch.tensor(train_set[:recipe["batch"]][key], device="cuda") for key in ("input_ids", "labels")}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast("cuda", dtype=dtype, enabled=recipe["autocast"]):
             model(**batch).loss.backward()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
