@@ -11,18 +11,17 @@ from finetune import cli, data, modeling, training
 from finetune.cli import TrainArguments
 
 
-def prepare(args: TrainArguments, packing: bool = False):
+def prepare(args: TrainArguments):
     """Everything before training: (tokenizer, LoRA-wrapped model, train set, eval set). Bad input stops here,
     before anything is written."""
     cli.check_positive(batch_size=args.batch_size, max_train_steps=args.max_train_steps, seq_length=args.seq_length)
     tokenizer = modeling.load_tokenizer(args.model)
     train_set, eval_set = data.split(data.load_texts(args.dataset), args.max_eval_samples, args.seed)
-    train_set = data.tokenize(train_set, tokenizer, args.seq_length, packing)
+    train_set = data.tokenize(train_set, tokenizer, args.seq_length, args.packing)
     eval_set = data.tokenize(eval_set, tokenizer, args.seq_length)
 
-    model = modeling.load_model(args.model, args.quantization)
-    model = modeling.add_lora(model, args.quantization, args.lora_r, args.lora_alpha, args.lora_dropout,
-                              args.lora_target_modules, args.gradient_checkpointing)
+    model = modeling.load_model(args.model, args.quantization, modeling.compute_dtype(args.dtype))
+    model = modeling.add_lora(model, args)
     model.print_trainable_parameters()
     return tokenizer, model, train_set, eval_set
 

@@ -33,7 +33,6 @@ class SpeedupArguments:
     pin_memory: bool = field(default=True, metadata={"help": "Pin host memory for asynchronous copies to the GPU."})
     cudnn_benchmark: bool = field(default=False, metadata={"help": "Set torch.backends.cudnn.benchmark."})
     memory_metrics: bool = field(default=False, metadata={"help": "Have the Trainer report memory per stage."})
-    packing: bool = field(default=False, metadata={"help": "Pack examples into full blocks instead of padding."})
     memory_budget_gib: float = field(default=0.0, metadata={
         "help": "Cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction) and recommend the "
                 "fastest configuration within it: plan for a smaller card on a bigger one."})
@@ -63,20 +62,20 @@ def main(args: TrainArguments, speed: SpeedupArguments):
     if speed.memory_budget_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, speed.memory_budget_gib * 2**30 / total))
-    tokenizer, model, train_set, eval_set = prepare(args, packing=speed.packing)
+    tokenizer, model, train_set, eval_set = prepare(args)
     tflops = TFLOPSCallback()
     trainer = training.build_trainer(
         args, model, tokenizer, train_set, eval_set, callbacks=[tflops],
         dataloader_num_workers=speed.num_workers,
         dataloader_persistent_workers=speed.num_workers > 0,
         dataloader_pin_memory=speed.pin_memory and torch.cuda.is_available(),
-        **training.length_grouped(not speed.packing),
+        **training.length_grouped(not args.packing),
         skip_memory_metrics=not speed.memory_metrics,
     )
     trainer.train()
     training.finish(trainer)
     config = dict(batch_size=args.batch_size, num_workers=speed.num_workers, pin_memory=speed.pin_memory,
-                  packing=speed.packing, gradient_checkpointing=args.gradient_checkpointing)
+                  packing=args.packing, gradient_checkpointing=args.gradient_checkpointing)
     return sweep.write_result(args.output_dir, config, "ok", tflops.summary)
 
 

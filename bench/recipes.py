@@ -1,6 +1,6 @@
 """Named fine-tuning recipes side by side on StarCoder's architecture with random weights: tokens/s, MFU, memory.
 
-    python bench/recipes.py --size 15b --recipes tutorial,common_qlora,fast,lean --json results.json   # one GPU
+    python bench/recipes.py --size 15b --recipes tutorial,qlora,bf16_lora,fast,lean --json results.json  # one GPU
     python bench/recipes.py --size tiny --recipes tutorial,fast --steps 2                              # CPU check
 
 The model is built through the scripts' own loading path, `from_pretrained(None, config=..., state_dict=...,
@@ -24,38 +24,23 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from finetune import cli  # noqa: E402
 
-# Each recipe: quantization, 16-bit type, batch x sequence, padded short examples or packed full blocks, and the
-# training options. "tutorial" is the tutorial's; "common_qlora" the usual QLoRA recipe (TRL's and the
-# personal-copilot examples: NF4, bf16, gradient checkpointing); the rest are ours (docs/PERFORMANCE.md).
+# Each recipe: TrainArguments values, as the scripts' --recipe presets (finetune/cli.py) plus variants. "tutorial" is
+# the tutorial's; "qlora" the common QLoRA recipe (TRL's and the personal-copilot examples: NF4, bf16 autocast,
+# fp32 upcasts, gradient checkpointing); "bf16_lora" LoRA on an unquantized bf16 base with peft's defaults; "fast"
+# and "lean" are ours (docs/PERFORMANCE.md). Packed recipes train on full blocks; the others on short examples
+# (64 to seq_length tokens) padded per batch.
 RECIPES = {
-    "tutorial": dict(quantization="8bit", dtype="float16", batch=1, seq=512, padded=True, checkpointing=False,
-                     fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
-    "common_qlora": dict(quantization="4bit", dtype="bfloat16", batch=8, seq=2048, padded=False, checkpointing=True,
-                         fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
-    "nf4": dict(quantization="4bit", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
-                fp32_upcast=True, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
-    "fast": dict(quantization="4bit", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
-                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=True),
-    "fast_b4": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
-                    fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=True),
-    "fast_compile": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
-                         fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=True, autocast=True),
-    # Ours without autocast: every weight, norm and activation stays bf16, so no layer casts its input or output.
-    "fast_pure": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False, checkpointing=False,
-                      fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=False),
-    "fast_pure_b8": dict(quantization="4bit", dtype="bfloat16", batch=8, seq=2048, padded=False,
-                         checkpointing=False, fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False,
-                         autocast=False),
-    "fast_pure_fp32_adapter": dict(quantization="4bit", dtype="bfloat16", batch=4, seq=2048, padded=False,
-                                   checkpointing=False, fp32_upcast=False, fp32_adapter=True, dropout=0.0,
-                                   compile=False, autocast=False),
-    "lean_pure": dict(quantization="4bit", dtype="bfloat16", batch=1, seq=2048, padded=False, checkpointing=True,
-                      fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=False),
-    "lean": dict(quantization="4bit", dtype="bfloat16", batch=1, seq=2048, padded=False, checkpointing=True,
-                 fp32_upcast=False, fp32_adapter=False, dropout=0.0, compile=False, autocast=True),
-    "bf16_lora": dict(quantization="none", dtype="bfloat16", batch=2, seq=2048, padded=False, checkpointing=False,
-                      fp32_upcast=False, fp32_adapter=True, dropout=0.05, compile=False, autocast=True),
+    "tutorial": cli.RECIPES["tutorial"],
+    "qlora": cli.RECIPES["qlora"],
+    "qlora_no_ckpt": dict(cli.RECIPES["qlora"], batch_size=2, gradient_checkpointing=False),
+    "bf16_lora": dict(cli.RECIPES["qlora"], quantization="none", batch_size=2, gradient_checkpointing=False),
+    "fast": cli.RECIPES["fast"],
+    "fast_b8": dict(cli.RECIPES["fast"], batch_size=8),
+    "fast_fp32_adapter": dict(cli.RECIPES["fast"], fp32_adapter=True),
+    "fast_autocast": dict(cli.RECIPES["fast"], mixed_precision=True),
+    "lean": cli.RECIPES["lean"],
 }
 
 
@@ -87,13 +72,13 @@ def random_state_dict(config, dtype) -> dict:
             for name, shape in shapes.items()}
 
 
-def synthetic_examples(recipe: dict, count: int, vocab: int):
-    """Random token ids: full `seq` blocks (packed), or short examples of 64..seq tokens padded per batch."""
+def synthetic_examples(args, count: int, vocab: int):
+    """Random token ids: full blocks when packing, else short examples of 64..seq_length tokens."""
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(0)
-    lengths = (torch.randint(64, recipe["seq"] + 1, (count,), generator=generator).tolist() if recipe["padded"]
-               else [recipe["seq"]] * count)
+    lengths = ([args.seq_length] * count if args.packing
+               else torch.randint(64, args.seq_length + 1, (count,), generator=generator).tolist())
     ids = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
@@ -125,79 +110,74 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
             profile_dir: str = "") -> dict:
     from bench.starcoder_shapes import starcoder_config
     from finetune import modeling, training
-    from finetune.cli import TrainArguments
     from flops_counter import TFLOPSCallback, flops_per_token
     from transformers import GPTBigCodeForCausalLM
 
-    recipe = dict(RECIPES[name], seq=seq_length or RECIPES[name]["seq"])
-    dtype = getattr(torch, recipe["dtype"]) if torch.cuda.is_available() else torch.float32
-    config = starcoder_config(size)
-    config._attn_implementation = "sdpa"
-    state_dict = random_state_dict(config, dtype)
-    started = time.perf_counter()
-    model = modeling.load_model(None, recipe["quantization"], dtype, model_class=GPTBigCodeForCausalLM,
-                                config=config, state_dict=state_dict)
-    del state_dict
-    load_seconds = time.perf_counter() - started
-    model = modeling.add_lora(model, recipe["quantization"], 16, 32, recipe["dropout"], "c_attn,c_proj",
-                              recipe["checkpointing"], recipe["fp32_upcast"], recipe["fp32_adapter"])
-    tokenizer = modeling.load_tokenizer("tiny-starcoder")  # only its pad id is used, by the collator
     total_steps = warmup + steps
-    train_set = synthetic_examples(recipe, total_steps * recipe["batch"], config.vocab_size)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainArguments(model="random", seq_length=recipe["seq"], batch_size=recipe["batch"],
-                              max_train_steps=total_steps, logging_steps=total_steps, report_to="none",
-                              output_dir=output_dir)
+        args = cli.TrainArguments(**{**RECIPES[name], "seq_length": seq_length or RECIPES[name]["seq_length"]},
+                                  model="random", max_train_steps=total_steps, logging_steps=total_steps,
+                                  report_to="none", output_dir=output_dir)
+        dtype = modeling.compute_dtype(args.dtype) if torch.cuda.is_available() else torch.float32
+        config = starcoder_config(size)
+        config._attn_implementation = "sdpa"
+        state_dict = random_state_dict(config, dtype)
+        started = time.perf_counter()
+        model = modeling.load_model(None, args.quantization, dtype, model_class=GPTBigCodeForCausalLM,
+                                    config=config, state_dict=state_dict)
+        del state_dict
+        load_seconds = time.perf_counter() - started
+        model = modeling.add_lora(model, args)
+        tokenizer = modeling.load_tokenizer("tiny-starcoder")  # only its pad id is used, by the collator
+        train_set = synthetic_examples(args, total_steps * args.batch_size, config.vocab_size)
         tflops = TFLOPSCallback(warmup_steps=warmup)
         timer = CudaEventTimer() if verify_flops and torch.cuda.is_available() else None
-        on_gpu = torch.cuda.is_available()
         trainer = training.build_trainer(
             args, model, tokenizer, train_set, None, callbacks=[tflops] + ([timer.callback] if timer else []),
             eval_strategy="no", save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
-            bf16=on_gpu and recipe["autocast"] and dtype == torch.bfloat16,
-            fp16=on_gpu and recipe["autocast"] and dtype == torch.float16,
-            torch_compile=recipe["compile"], dataloader_num_workers=2, dataloader_pin_memory=on_gpu,
+            dataloader_num_workers=2, dataloader_pin_memory=torch.cuda.is_available(),
             **training.length_grouped(False))
         trainer.train()
-    result = {"recipe": name, **recipe, "size": size, "load_seconds": load_seconds, **tflops.summary,
-              "flops_per_token": flops_per_token(model, recipe["seq"]).model}
+    result = {"recipe": name, **RECIPES[name], "seq_length": args.seq_length, "size": size,
+              "load_seconds": load_seconds, **tflops.summary, "flops_per_token": flops_per_token(model, args.seq_length).model}
+    autocast = dict(device_type="cuda", dtype=dtype, enabled=trainer.args.bf16 or trainer.args.fp16)
     if timer:
         from torch.utils.flop_counter import FlopCounterMode
 
         # One sequence: eager attention keeps every score matrix, which at full batch does not fit.
         batch = {key: torch.tensor(train_set[:1][key], device="cuda") for key in ("input_ids", "labels")}
         counter = FlopCounterMode(display=False)
-        # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11).
+        # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11). The
+        # backward runs on this thread, not the autograd engine's device thread, so the counter sees it too.
         model.base_model.model.set_attn_implementation("eager")
-        with counter, torch.autocast("cuda", dtype=dtype, enabled=recipe["autocast"]):
+        with counter, torch.autocast(**autocast), torch.autograd.set_multithreading_enabled(False):
             model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
         model.base_model.model.set_attn_implementation("sdpa")
-        ours = flops_per_token(model, recipe["seq"])
+        ours = flops_per_token(model, args.seq_length)
         # FlopCounterMode charges full attention; the model count charges causal attention as half of it.
         attention_half = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
-        tokens = recipe["seq"]
-        counted = counter.get_total_flops() - attention_half * tokens
-        result["verify"] = {"flop_counter_per_token": counted / tokens,
-                            "event_model_tflops": counted * recipe["batch"] * steps / timer.seconds(warmup) / 1e12,
+        counted = counter.get_total_flops() - attention_half * args.seq_length
+        result["verify"] = {"flop_counter_per_token": counted / args.seq_length,
+                            "event_model_tflops": counted * args.batch_size * steps / timer.seconds(warmup) / 1e12,
                             "callback_model_tflops": tflops.summary["model_tflops"]}
     if profile_dir and torch.cuda.is_available():
-        result["profile"] = profile_step(model, train_set, recipe, dtype, profile_dir)
+        result["profile"] = profile_step(model, train_set, args, autocast, profile_dir, name)
     return result
 
 
-def profile_step(model, train_set, recipe: dict, dtype, out_dir: str) -> str:
+def profile_step(model, train_set, args, autocast: dict, out_dir: str, name: str) -> str:
     """One training step under torch.profiler: the top CUDA kernels by time, written as a table."""
     from torch.profiler import ProfilerActivity, profile
 
-    batch = {key: torch.tensor(train_set[:recipe["batch"]][key], device="cuda") for key in ("input_ids", "labels")}
+    batch = {key: torch.tensor(train_set[: args.batch_size][key], device="cuda") for key in ("input_ids", "labels")}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        with torch.autocast("cuda", dtype=dtype, enabled=recipe["autocast"]):
+        with torch.autocast(**autocast):
             model(**batch).loss.backward()
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-    path = os.path.join(out_dir, f"profile-{recipe['quantization']}-{recipe['batch']}x{recipe['seq']}.txt")
+    path = os.path.join(out_dir, f"profile-{name}.txt")
     with open(path, "w") as f:
         f.write(table)
     return path
@@ -228,15 +208,16 @@ def main(options) -> list[dict]:
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{header['gpu']}, StarCoder-{options.size} random weights, {header['date']}, torch {header['torch']}, "
           f"bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s")
-    print(f"{'recipe':14s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>4s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>4s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'peak GiB':>8s}")
     for row in results:
         if "tokens_per_second" not in row:
-            print(f"{row['recipe']:14s} {row['status']}: {row['error']}")
+            print(f"{row['recipe']:18s} {row['status']}: {row['error']}")
             continue
-        print(f"{row['recipe']:14s} {row['quantization']:5s} {row['batch']:>4d} x {row['seq']:<4d} "
-              f"{'yes' if row['checkpointing'] else 'no':>4s} {row['tokens_per_second']:9.0f} "
-              f"{row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} {row.get('peak_memory_gib', 0):8.1f}")
+        print(f"{row['recipe']:18s} {row.get('quantization', '4bit'):5s} {row['batch_size']:>4d} x "
+              f"{row['seq_length']:<4d} {'yes' if row.get('gradient_checkpointing') else 'no':>4s} "
+              f"{row['tokens_per_second']:9.0f} {row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} "
+              f"{row.get('peak_memory_gib', 0):8.1f}")
         if "verify" in row:
             v = row["verify"]
             print(f"  verify: callback {v['callback_model_tflops']:.1f} TFLOP/s vs FlopCounterMode over CUDA events "
@@ -250,7 +231,7 @@ def main(options) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="15b", choices=["15b", "7b", "3b", "1b", "tiny"])
-    parser.add_argument("--recipes", default="tutorial,common_qlora,fast,lean")
+    parser.add_argument("--recipes", default="tutorial,qlora,bf16_lora,fast,lean", help=f"from {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per recipe")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
     parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")

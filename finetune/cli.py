@@ -31,20 +31,53 @@ class TrainArguments:
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (QLoRA paper: 2e-4 for small models)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the LoRA input (the tutorial: 0.05). 0 skips a full-activation mask per adapted layer."})
     lora_target_modules: str = field(default="", metadata={
         "help": "Comma-separated module names to adapt; empty picks the architecture's attention layers "
                 "(GPTBigCode: c_attn,c_proj)."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about a quarter slower."})
+    packing: bool = field(default=False, metadata={
+        "help": "Join examples with EOS into full seq_length blocks (no padding) instead of padding each one."})
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(default="auto", metadata={
+        "help": "Compute dtype; auto: bf16 on GPUs that have it, else fp16; fp32 on the CPU."})
+    fp32_upcast: bool = field(default=False, metadata={
+        "help": "Keep fp32 copies of norms, embeddings and LM head (peft's prepare_model_for_kbit_training): the "
+                "classic QLoRA set-up; slower and larger, and bf16 norms train fine (docs/PERFORMANCE.md)."})
+    fp32_adapter: bool = field(default=False, metadata={
+        "help": "LoRA weights in fp32 (peft's default) instead of the compute dtype: casts every adapted layer's "
+                "input, about 15%% slower on StarCoder-15B. Always on with fp16, whose loss scaler needs fp32."})
+    mixed_precision: bool = field(default=False, metadata={
+        "help": "Run under autocast. Off: a bf16 model computes in bf16 throughout, with no casts around "
+                "bitsandbytes layers (fp16 always uses autocast with a loss scaler)."})
+    recipe: Literal["", "fast", "lean", "qlora", "tutorial"] = field(default="", metadata={
+        "help": "Preset flags (explicit flags still win): fast = packed 4 x 2048; lean = packed 1 x 2048 with "
+                "checkpointing (StarCoder-15B in under 14 GiB); qlora = the common QLoRA recipe; tutorial = the "
+                "tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
     eval_steps: int = field(default=20, metadata={"help": "Evaluate (and checkpoint) every this many steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the loss and throughput every this many steps."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out examples used for evaluation."})
 
 
+# The recipes measured side by side in bench/recipes.py and docs/PERFORMANCE.md, as TrainArguments values.
+_CLASSIC = dict(fp32_upcast=True, fp32_adapter=True, mixed_precision=True, lora_dropout=0.05)
+RECIPES = {
+    "fast": dict(batch_size=4, seq_length=2048, packing=True),
+    "lean": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True),
+    "qlora": dict(_CLASSIC, batch_size=8, seq_length=2048, packing=True, gradient_checkpointing=True),
+    "tutorial": dict(_CLASSIC, quantization="8bit", dtype="float16", batch_size=1, seq_length=512),
+}
+
+
 def parse(*dataclass_types, argv=None):
-    """Parse argv into the given dataclasses (only scripts' `__main__` blocks and tests call this)."""
-    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+    """Parse argv into the given dataclasses (only scripts' `__main__` blocks and tests call this). A --recipe
+    becomes the parser's defaults, so flags given explicitly still win."""
+    parser = HfArgumentParser(dataclass_types)
+    known, _ = parser.parse_known_args(args=argv)
+    if getattr(known, "recipe", ""):
+        parser.set_defaults(**RECIPES[known.recipe])
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def run(main, *dataclass_types, argv=None):

@@ -37,8 +37,11 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
-def compute_dtype() -> torch.dtype:
-    """bf16 where the GPU has it (Ampere and newer), fp16 on older GPUs, fp32 on the CPU."""
+def compute_dtype(requested: str = "auto") -> torch.dtype:
+    """The requested dtype, or: bf16 where the GPU has it (Ampere and newer), fp16 on older GPUs, fp32 on the CPU
+    (whose bf16 matmuls are slow)."""
+    if requested != "auto":
+        return getattr(torch, requested)
     if not torch.cuda.is_available():
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -96,19 +99,19 @@ def lora_targets(model, requested: str) -> list[str]:
     return targets
 
 
-def add_lora(model, quantization: str, r: int, alpha: int, dropout: float, target_modules: str,
-             gradient_checkpointing: bool, fp32_upcast: bool = True, fp32_adapter: bool = True):
-    """Freeze the base and wrap it with a trainable LoRA adapter.
+def add_lora(model, args):
+    """Freeze the base and wrap it with a trainable LoRA adapter, as `args` (TrainArguments) say.
 
     `fp32_upcast`: peft's prepare_model_for_kbit_training, which keeps fp32 copies of every non-quantized weight
-    (norms, embeddings, the tied LM head): the QLoRA default, but each forward then casts them back to 16 bits.
-    `fp32_adapter`: LoRA weights in fp32 (peft's default) rather than the compute dtype.
+    (norms, embeddings, the tied LM head); each forward then casts them back to 16 bits. `fp32_adapter`: LoRA
+    weights in fp32 (peft's default) rather than the model's dtype; fp16 needs them, for its loss scaler.
     """
-    targets = lora_targets(model, target_modules)
-    if quantization != "none" and fp32_upcast:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    targets = lora_targets(model, args.lora_target_modules)
+    if args.quantization != "none" and args.fp32_upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant (transformers' default): frozen inputs are fine
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    fp32_adapter = args.fp32_adapter or model.dtype == torch.float16
     return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter)

@@ -62,9 +62,9 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str) ->
     directory = os.path.join(sweep_dir, config_name(config))
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
                                      gradient_checkpointing=config["gradient_checkpointing"],
+                                     packing=config["packing"], recipe="",
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
-    child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"],
-                                      packing=config["packing"])
+    child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"])
     command = [sys.executable, script, *_as_flags(child_args, child_speed)]
     print(f"[sweep] {config_name(config)}", flush=True)
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -88,7 +88,7 @@ def run(script: str, args, speed) -> list[dict]:
     until throughput stops improving), then merge them into tables, plots and a recommendation."""
     others = itertools.product(_values(speed.sweep_num_workers, speed.num_workers),
                                _values(speed.sweep_pin_memory, speed.pin_memory, _boolean),
-                               _values(speed.sweep_packing, speed.packing, _boolean),
+                               _values(speed.sweep_packing, args.packing, _boolean),
                                _values(speed.sweep_gradient_checkpointing, args.gradient_checkpointing, _boolean))
     for workers, pin, packing, checkpointing in others:
         def config(batch_size):

@@ -9,6 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from .cli import TrainArguments
 from .data import collator
+from .modeling import compute_dtype
 
 
 def _wandb_credentials() -> bool:
@@ -33,7 +34,7 @@ def setup_wandb(args: TrainArguments) -> None:
 
 def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
     """The tutorial's Trainer settings on today's names (eval_strategy, not evaluation_strategy)."""
-    dtype = torch.cuda.is_available() and (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtype = torch.cuda.is_available() and compute_dtype(args.dtype)
     settings = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -50,8 +51,8 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         load_best_model_at_end=True,  # the adapter kept at the end is the one with the lowest eval loss
         metric_for_best_model="eval_loss",
         logging_steps=args.logging_steps,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        bf16=dtype == torch.bfloat16 and args.mixed_precision,  # off: a bf16 model simply computes in bf16
+        fp16=dtype == torch.float16,  # fp16 always needs autocast and the loss scaler
         report_to=[args.report_to] if args.report_to != "none" else "none",
         run_name=os.path.basename(os.path.abspath(args.output_dir)),
         seed=args.seed,
