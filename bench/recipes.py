@@ -13,6 +13,7 @@ steps with CUDA events: an independent check of the callback's model TFLOP/s.
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -146,7 +147,10 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
 
         # One sequence: eager attention keeps every score matrix, which at full batch does not fit.
         batch = {key: torch.tensor(train_set[:1][key], device="cuda") for key in ("input_ids", "labels")}
-        counter = FlopCounterMode(display=False)
+        # bitsandbytes' 4-bit matmul is a custom op that FlopCounterMode has no formula for: 2 x tokens x in x out.
+        gemm_4bit = {torch.ops.bitsandbytes.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) *
+                     out_shape[-1]} if args.quantization == "4bit" else {}
+        counter = FlopCounterMode(display=False, custom_mapping=gemm_4bit)
         # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11). The
         # backward runs on this thread, not the autograd engine's device thread, so the counter sees it too.
         model.base_model.model.set_attn_implementation("eager")
