@@ -31,7 +31,7 @@ from finetune import cli  # noqa: E402
 # the tutorial's; "qlora" the common QLoRA recipe (TRL's and the personal-copilot examples: NF4, bf16 autocast,
 # fp32 upcasts, gradient checkpointing); "bf16_lora" LoRA on an unquantized bf16 base with peft's defaults; "fast"
 # and "lean" are ours (docs/PERFORMANCE.md). Packed recipes train on full blocks; the others on short examples
-# (64 to seq_length tokens) padded per batch.
+# (seq_length/8 to seq_length tokens) padded per batch.
 RECIPES = {
     "tutorial": cli.RECIPES["tutorial"],
     "qlora": cli.RECIPES["qlora"],
@@ -74,12 +74,12 @@ def random_state_dict(config, dtype) -> dict:
 
 
 def synthetic_examples(args, count: int, vocab: int):
-    """Random token ids: full blocks when packing, else short examples of 64..seq_length tokens."""
+    """Random token ids: full blocks when packing, else short examples of seq_length/8..seq_length tokens."""
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(0)
     lengths = ([args.seq_length] * count if args.packing
-               else torch.randint(64, args.seq_length + 1, (count,), generator=generator).tolist())
+               else torch.randint(args.seq_length // 8, args.seq_length + 1, (count,), generator=generator).tolist())
     ids = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 

@@ -1,0 +1,112 @@
+"""The speed-up study: sweeps in subprocesses, failures recorded, merged results, plots, packing, recipes, bench."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_args
+from finetune import cli, data, modeling, sweep
+from karpathy_speedups_example import SpeedupArguments, main
+
+OUTPUTS = ["results.csv", "results.json", "model_tflops_vs_batch_size.png", "samples_per_second_vs_batch_size.png",
+           "tokens_per_second_vs_batch_size.png", "peak_memory_gib_vs_batch_size.png"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One sweep over batch sizes 2 and 4, plus 0: an impossible batch size that must fail without stopping it."""
+    out = tmp_path_factory.mktemp("sweep")
+    args = tiny_args(out, max_train_steps=4, seq_length=32)
+    rows = main(args, SpeedupArguments(num_workers=0, sweep_batch_sizes="2,0,4"))
+    return out, rows
+
+
+def test_sweep_writes_results_and_plots(swept):
+    out, rows = swept
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    import matplotlib.image
+
+    for name in OUTPUTS[2:]:
+        pixels = matplotlib.image.imread(out / name)
+        assert pixels.shape[0] > 100 and pixels.std() > 0.01, f"{name} is blank"
+    saved = json.loads((out / "results.json").read_text())
+    assert [row["batch_size"] for row in saved] == [0, 2, 4]
+    assert (out / "results.csv").read_text().count("\n") == 4
+
+
+def test_a_failing_configuration_is_recorded_and_ignored(swept, capsys):
+    out, rows = swept
+    by_batch = {row["batch_size"]: row for row in rows}
+    assert by_batch[0]["status"] == "error" and "--batch_size must be a positive integer" in by_batch[0]["error"]
+    assert by_batch[2]["status"] == by_batch[4]["status"] == "ok"
+    assert all(by_batch[b]["tokens_per_second"] > 0 for b in (2, 4))
+    advice = sweep.recommend(rows)
+    assert "bs0" not in advice[0] and advice[0].startswith("fastest: bs")
+
+
+def test_merge_of_separate_outputs_gives_the_same_files(swept, tmp_path):
+    out, _ = swept
+    pods = [str(path) for path in sorted(out.glob("bs*")) if (path / "result.json").is_file()]
+    assert len(pods) == 3
+    merged = tmp_path / "merged"
+    main(tiny_args(merged), SpeedupArguments(merge_results=pods))
+    for name in ("results.csv", "results.json"):
+        assert (merged / name).read_text() == (out / name).read_text()
+    for name in OUTPUTS[2:]:
+        assert (merged / name).is_file()
+
+
+def test_memory_budget_recommendation_uses_only_fitting_runs():
+    rows = [dict(name="a", status="ok", tokens_per_second=100.0, peak_memory_gib=30.0),
+            dict(name="b", status="ok", tokens_per_second=80.0, peak_memory_gib=20.0),
+            dict(name="c", status="oom", tokens_per_second=None, peak_memory_gib=None)]
+    assert sweep.recommend(rows, memory_budget_gib=24) == [
+        "fastest: a at 100 tokens/s", "fastest within 24 GiB: b at 80 tokens/s, 20.0 GiB peak"]
+
+
+def test_packing_makes_full_blocks_and_loses_only_the_last_partial_one():
+    tokenizer = modeling.load_tokenizer("tiny-starcoder")
+    texts = data.load_texts("stdlib-code").select(range(200))
+    padded = data.tokenize(texts, tokenizer, seq_length=10**6)  # no truncation: every token, EOS included
+    total = sum(len(ids) for ids in padded["input_ids"])
+    packed = data.tokenize(texts, tokenizer, seq_length=128, packing=True)
+    assert all(len(ids) == 128 for ids in packed["input_ids"])
+    assert len(packed) == total // 128  # only the final partial block is dropped
+    stream = [token for ids in padded["input_ids"] for token in ids]
+    assert [token for ids in packed["input_ids"] for token in ids] == stream[: len(packed) * 128]
+    assert packed["labels"] == packed["input_ids"]
+
+
+def test_padding_is_masked_out_of_the_labels():
+    tokenizer = modeling.load_tokenizer("tiny-starcoder")
+    encoded = data.tokenize(data.load_texts("stdlib-code").select(range(4)), tokenizer, seq_length=64)
+    assert all(ids[-1] == tokenizer.eos_token_id or len(ids) == 64 for ids in encoded["input_ids"])
+    batch = data.collator(tokenizer)([encoded[i] for i in range(4)])
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    assert (batch["labels"][padding] == data.IGNORE_INDEX).all()
+    assert (batch["labels"][~padding] == batch["input_ids"][~padding]).all()
+
+
+def test_recipe_presets_yield_to_explicit_flags():
+    (args,) = cli.parse(cli.TrainArguments, argv=["--recipe", "lean", "--batch_size", "2"])
+    assert args.batch_size == 2 and args.gradient_checkpointing and args.packing and args.seq_length == 2048
+    (args,) = cli.parse(cli.TrainArguments, argv=["--recipe", "tutorial"])
+    assert args.quantization == "8bit" and args.dtype == "float16" and args.fp32_upcast and args.lora_dropout == 0.05
+
+
+def test_bench_runs_recipes_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes", "fast,tutorial",
+                           "--steps", "1", "--warmup", "1", "--seq_length", "32", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["torch"] and results["transformers"]
+    assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial"]
+    assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
+    assert "tokens/s" in done.stdout
