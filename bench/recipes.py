@@ -135,7 +135,7 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
         timer = CudaEventTimer() if verify_flops and torch.cuda.is_available() else None
         trainer = training.build_trainer(
             args, model, tokenizer, train_set, None, callbacks=[tflops] + ([timer.callback] if timer else []),
-            eval_strategy="no", save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
+            eval_strategy="no", eval_on_start=False, save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
             dataloader_num_workers=2, dataloader_pin_memory=torch.cuda.is_available(),
             **training.length_grouped(False))
         trainer.train()

@@ -9,8 +9,10 @@ from transformers import DataCollatorForSeq2Seq
 from . import embedded
 from .cli import UsageError
 
-# The prompt format of bigcode/starcoder's own fine-tuning script (finetune/finetune.py, prepare_sample_text).
-PROMPT_TEMPLATE = "Question: {prompt}\n\nAnswer: "
+# The format of bigcode/starcoder's own fine-tuning script (finetune/finetune.py, prepare_sample_text):
+# "Question: {prompt}\n\nAnswer: {completion}". A prompt for generation stops before the space, which the
+# byte-level BPE merges into the completion's first token ("Ġdef").
+PROMPT_TEMPLATE = "Question: {prompt}\n\nAnswer:"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 
@@ -45,7 +47,7 @@ def load_texts(name: str) -> Dataset:
                          f"private Hub dataset set HF_TOKEN; offline, use a local file or `stdlib-code`.") from None
     columns = set(dataset.column_names)
     if {"prompt", "completion"} <= columns:
-        dataset = dataset.map(lambda ex: {"text": format_prompt(ex["prompt"]) + ex["completion"]},
+        dataset = dataset.map(lambda ex: {"text": format_prompt(ex["prompt"]) + " " + ex["completion"]},
                               remove_columns=dataset.column_names)
     elif "text" in columns:
         dataset = dataset.select_columns(["text"])

@@ -71,11 +71,17 @@ def load_model(model: str | None, quantization: str, dtype: torch.dtype | None =
     and `config=` and `state_dict=`."""
     dtype = dtype or compute_dtype()
     try:
-        return model_class.from_pretrained(
+        loaded = model_class.from_pretrained(
             resolve(model) if model else None, dtype=dtype, device_map={"": device()},
             quantization_config=quantization_config(quantization, dtype), **from_pretrained_kwargs)
     except (OSError, ValueError) as error:
         raise _not_found(model, error) from None
+    for module in loaded.modules():
+        # bitsandbytes 0.50 repacks a CPU Linear4bit's weight for AVX512-BF16 at its first inference forward, and
+        # a training forward after that (training resumed after an evaluation) fails in an in-place bias add.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return loaded
 
 
 def linear_layer_names(model) -> list[str]:

@@ -7,6 +7,7 @@ import os
 import torch
 from transformers import Trainer, TrainingArguments
 
+from . import evaluation
 from .cli import TrainArguments
 from .data import collator
 from .modeling import compute_dtype
@@ -44,6 +45,7 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         lr_scheduler_type="cosine",
         warmup_steps=min(10, args.max_train_steps // 10),
         eval_strategy="steps",
+        eval_on_start=True,  # step 0: the base model's held-out loss (LoRA's B starts at zero)
         eval_steps=args.eval_steps,
         save_strategy="steps",
         save_steps=args.eval_steps,
@@ -81,11 +83,16 @@ def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, c
     return trainer
 
 
-def finish(trainer: Trainer) -> None:
-    """Save the (best) adapter to output_dir, close the W&B run, and say where an offline run went."""
+def finish(trainer: Trainer) -> dict[str, float]:
+    """Save the (best) adapter to output_dir, compare it with the base on the held-out split (logged beside the
+    eval loss), close the W&B run, and say where an offline run went."""
     trainer.save_model()
+    comparison = evaluation.compare(trainer.model, trainer.eval_dataset, trainer.processing_class,
+                                    trainer.args.per_device_eval_batch_size)
+    trainer.log({f"eval_{key}": value for key, value in comparison.items()})
+    print(evaluation.describe(comparison))
     if "wandb" not in trainer.args.report_to or not trainer.is_world_process_zero():
-        return
+        return comparison
     import wandb  # only when W&B is in use
 
     if wandb.run is not None:
@@ -95,3 +102,4 @@ def finish(trainer: Trainer) -> None:
         runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")))
         if runs:
             print(f"W&B ran offline (no credentials found); upload the run with: wandb sync {runs[-1]}")
+    return comparison

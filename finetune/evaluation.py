@@ -1,0 +1,40 @@
+"""Did the adapter help? Held-out loss and perplexity of the base model and of base + adapter, on the same split."""
+
+import math
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import IGNORE_INDEX, collator
+
+
+@torch.no_grad()
+def held_out_loss(model, eval_set, tokenizer, batch_size: int) -> float:
+    """Mean next-token loss per predicted token (padding excluded), over the whole set."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in DataLoader(eval_set, batch_size=batch_size, collate_fn=collator(tokenizer)):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
+                                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        total += losses.item()
+        tokens += (labels != IGNORE_INDEX).sum().item()
+    return total / max(tokens, 1)
+
+
+def compare(model, eval_set, tokenizer, batch_size: int) -> dict[str, float]:
+    """Base (the adapter disabled) and base + adapter on the same examples: `base_loss`, `base_perplexity`,
+    `adapter_loss`, `adapter_perplexity`."""
+    with model.disable_adapter():
+        base = held_out_loss(model, eval_set, tokenizer, batch_size)
+    adapted = held_out_loss(model, eval_set, tokenizer, batch_size)
+    return {"base_loss": base, "base_perplexity": math.exp(base),
+            "adapter_loss": adapted, "adapter_perplexity": math.exp(adapted)}
+
+
+def describe(comparison: dict[str, float]) -> str:
+    return (f"held-out loss: base {comparison['base_loss']:.4f} (perplexity {comparison['base_perplexity']:.4g}) -> "
+            f"base + adapter {comparison['adapter_loss']:.4f} (perplexity {comparison['adapter_perplexity']:.4g})")
