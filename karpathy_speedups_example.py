@@ -42,6 +42,9 @@ class SpeedupArguments:
     sweep_pin_memory: str = field(default="", metadata={"help": "Sweep axis: e.g. `true,false`."})
     sweep_packing: str = field(default="", metadata={"help": "Sweep axis: e.g. `false,true`."})
     sweep_gradient_checkpointing: str = field(default="", metadata={"help": "Sweep axis: e.g. `false,true`."})
+    sweep_index: int = field(default=-1, metadata={
+        "help": "Run only configuration N of a listed sweep, then merge the results present (a Kubernetes "
+                "Indexed Job passes its completion index; see k8s/)."})
     merge_results: list[str] = field(default_factory=list, metadata={
         "help": "Merge the result.json files in these directories (and one level below) into --output_dir."})
 

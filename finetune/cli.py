@@ -74,7 +74,9 @@ def parse(*dataclass_types, argv=None):
     """Parse argv into the given dataclasses (only scripts' `__main__` blocks and tests call this). A --recipe
     becomes the parser's defaults, so flags given explicitly still win."""
     parser = HfArgumentParser(dataclass_types)
-    known, _ = parser.parse_known_args(args=argv)
+    known, unknown = parser.parse_known_args(args=argv)
+    if unknown:
+        raise UsageError(f"unknown arguments {unknown}; see --help")
     if getattr(known, "recipe", ""):
         parser.set_defaults(**RECIPES[known.recipe])
     return parser.parse_args_into_dataclasses(args=argv)
@@ -82,9 +84,8 @@ def parse(*dataclass_types, argv=None):
 
 def run(main, *dataclass_types, argv=None):
     """Parse, call `main(*args)`, and turn a UsageError into one line on stderr and exit status 2."""
-    args = parse(*dataclass_types, argv=argv)
     try:
-        return main(*args)
+        return main(*parse(*dataclass_types, argv=argv))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

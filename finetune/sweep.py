@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .cli import UsageError
+
 AXES = ["batch_size", "num_workers", "pin_memory", "packing", "gradient_checkpointing"]
 METRICS = ["tokens_per_second", "samples_per_second", "model_tflops", "mfu", "peak_memory_gib"]
 COLUMNS = ["name", *AXES, "status", "error", *METRICS]
@@ -51,7 +53,7 @@ def _as_flags(*dataclass_values) -> list[str]:
     for value in dataclass_values:
         for item in dataclasses.fields(value):
             setting = getattr(value, item.name)
-            if item.name.startswith("sweep_") or item.name == "merge_results":
+            if item.name.startswith("sweep_") or item.name == "merge_results":  # the child runs one configuration
                 continue
             flags += [f"--{item.name}", str(setting)]
     return flags
@@ -83,28 +85,41 @@ def _boolean(text: str) -> bool:
     return text.lower() in {"1", "true", "yes", "on"}
 
 
-def run(script: str, args, speed) -> list[dict]:
-    """Run every configuration of the sweep (batch sizes given, or `auto`: doubled from 1 until out of memory or
-    until throughput stops improving), then merge them into tables, plots and a recommendation."""
-    others = itertools.product(_values(speed.sweep_num_workers, speed.num_workers),
-                               _values(speed.sweep_pin_memory, speed.pin_memory, _boolean),
-                               _values(speed.sweep_packing, args.packing, _boolean),
-                               _values(speed.sweep_gradient_checkpointing, args.gradient_checkpointing, _boolean))
-    for workers, pin, packing, checkpointing in others:
-        def config(batch_size):
-            return dict(batch_size=batch_size, num_workers=workers, pin_memory=pin, packing=packing,
-                        gradient_checkpointing=checkpointing)
+def configurations(args, speed) -> list[dict]:
+    """Every configuration of a sweep with listed batch sizes, in a fixed order (an Indexed Job's index picks one)."""
+    return [dict(batch_size=batch, num_workers=workers, pin_memory=pin, packing=packing,
+                 gradient_checkpointing=checkpointing)
+            for workers, pin, packing, checkpointing in itertools.product(
+                _values(speed.sweep_num_workers, speed.num_workers),
+                _values(speed.sweep_pin_memory, speed.pin_memory, _boolean),
+                _values(speed.sweep_packing, args.packing, _boolean),
+                _values(speed.sweep_gradient_checkpointing, args.gradient_checkpointing, _boolean))
+            for batch in _values(speed.sweep_batch_sizes, args.batch_size)]
 
-        if speed.sweep_batch_sizes.strip() == "auto":
-            batch_size, previous = 1, 0.0
-            while batch_size <= AUTO_MAX_BATCH:
-                row = run_configuration(script, args, speed, config(batch_size), args.output_dir)
+
+def run(script: str, args, speed) -> list[dict]:
+    """Run the sweep's configurations (batch sizes listed, or `auto`: doubled from 1 until out of memory or until
+    throughput stops improving; with `sweep_index`, only that one), then merge whatever results the output
+    directory holds into tables, plots and a recommendation."""
+    if speed.sweep_batch_sizes.strip() != "auto":
+        todo = configurations(args, speed)
+        if speed.sweep_index >= 0:
+            if speed.sweep_index >= len(todo):
+                raise UsageError(f"--sweep_index {speed.sweep_index} is out of range: the sweep has {len(todo)} "
+                                 f"configurations")
+            todo = [todo[speed.sweep_index]]
+        for config in todo:
+            run_configuration(script, args, speed, config, args.output_dir)
+    elif speed.sweep_index >= 0:
+        raise UsageError("--sweep_batch_sizes auto runs sequentially; list the batch sizes to use --sweep_index")
+    else:
+        for base in configurations(args, dataclasses.replace(speed, sweep_batch_sizes="1")):
+            previous = 0.0
+            while base["batch_size"] <= AUTO_MAX_BATCH:
+                row = run_configuration(script, args, speed, base, args.output_dir)
                 if row["status"] != "ok" or row["tokens_per_second"] < previous * AUTO_MIN_GAIN:
                     break
-                batch_size, previous = batch_size * 2, row["tokens_per_second"]
-        else:
-            for batch_size in _values(speed.sweep_batch_sizes, args.batch_size):
-                run_configuration(script, args, speed, config(batch_size), args.output_dir)
+                base, previous = dict(base, batch_size=base["batch_size"] * 2), row["tokens_per_second"]
     return merge([args.output_dir], args.output_dir, speed.memory_budget_gib)
 
 

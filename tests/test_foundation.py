@@ -126,6 +126,7 @@ BAD_INPUTS = [
     (lambda d: ["--batch_size", "0"], "--batch_size must be a positive integer"),
     (lambda d: ["--max_train_steps", "-3"], "--max_train_steps must be a positive integer"),
     (lambda d: ["--lora_target_modules", "q_attn"], "match no layer of this model"),
+    (lambda d: ["--max_steps", "5"], "unknown arguments"),
 ]
 
 
