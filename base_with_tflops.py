@@ -14,11 +14,11 @@ from flops_counter import TFLOPSCallback
 
 
 def main(args: TrainArguments):
-    tokenizer, model, train_set, eval_set = prepare(args)
+    tokenizer, model, train_set, eval_set, resume_from = prepare(args)
     tflops = TFLOPSCallback()
     trainer = training.build_trainer(args, model, tokenizer, train_set, eval_set, callbacks=[tflops])
-    trainer.train()
-    training.finish(trainer)
+    training.train(trainer, args, resume_from)
+    training.finish(trainer, args, **tflops.summary)
     print("throughput:", ", ".join(f"{key}={value:.4g}" for key, value in tflops.summary.items()))
     return trainer
 

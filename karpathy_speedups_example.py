@@ -65,7 +65,7 @@ def main(args: TrainArguments, speed: SpeedupArguments):
     if speed.memory_budget_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, speed.memory_budget_gib * 2**30 / total))
-    tokenizer, model, train_set, eval_set = prepare(args)
+    tokenizer, model, train_set, eval_set, resume_from = prepare(args)
     tflops = TFLOPSCallback()
     trainer = training.build_trainer(
         args, model, tokenizer, train_set, eval_set, callbacks=[tflops],
@@ -75,8 +75,8 @@ def main(args: TrainArguments, speed: SpeedupArguments):
         **training.length_grouped(not args.packing),
         skip_memory_metrics=not speed.memory_metrics,
     )
-    trainer.train()
-    training.finish(trainer)
+    training.train(trainer, args, resume_from)
+    training.finish(trainer, args, speed, **tflops.summary)
     config = dict(batch_size=args.batch_size, num_workers=speed.num_workers, pin_memory=speed.pin_memory,
                   packing=args.packing, gradient_checkpointing=args.gradient_checkpointing)
     return sweep.write_result(args.output_dir, config, "ok", tflops.summary)

@@ -11,6 +11,14 @@ class UsageError(Exception):
     """Bad input from the user: the message says what was wrong and what to do. Never a traceback."""
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after writing its checkpoint; exits 128 + the signal number, as a shell would."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass
 class TrainArguments:
     model: str = field(default="bigcode/starcoder", metadata={
@@ -55,6 +63,16 @@ class TrainArguments:
         "help": "Preset flags (explicit flags still win): fast = packed 4 x 2048; lean = packed 1 x 2048 with "
                 "checkpointing (StarCoder-15B in under 14 GiB); qlora = the common QLoRA recipe; tutorial = the "
                 "tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
+    prompt_column: str = field(default="prompt", metadata={"help": "The data set's column with the prompt."})
+    completion_column: str = field(default="completion", metadata={"help": "Its column with the completion."})
+    resume: Literal["auto", "never"] = field(default="auto", metadata={
+        "help": "auto: continue from the newest complete checkpoint in --output_dir if it holds this configuration."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over in an --output_dir that holds another run (its checkpoints are deleted)."})
+    grace_period_seconds: float = field(default=25.0, metadata={
+        "help": "On SIGTERM/SIGINT: time to finish the step and write a checkpoint before exiting regardless."})
+    hf_token: str = field(default="", metadata={
+        "help": "Hugging Face token for gated models and data sets (default: $HF_TOKEN). Never printed or saved."})
     eval_steps: int = field(default=20, metadata={"help": "Evaluate (and checkpoint) every this many steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the loss and throughput every this many steps."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out examples used for evaluation."})
@@ -89,6 +107,9 @@ def run(main, *dataclass_types, argv=None):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 def check_positive(**values: int) -> None:

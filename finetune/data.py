@@ -21,7 +21,8 @@ def format_prompt(prompt: str) -> str:
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
-def load_texts(name: str) -> Dataset:
+def load_texts(name: str, prompt_column: str = "prompt", completion_column: str = "completion",
+               token: str | None = None) -> Dataset:
     """A Dataset with one `text` column: each prompt/completion pair formatted, or the file's own `text`."""
     if name == embedded.STDLIB_DATASET:
         name = str(embedded.stdlib_dataset_file())
@@ -34,7 +35,7 @@ def load_texts(name: str) -> Dataset:
         elif os.path.exists(name):
             raise UsageError(f"dataset {name!r} is not a .json, .jsonl, .csv or .parquet file")
         else:
-            dataset = load_dataset(name, split="train")
+            dataset = load_dataset(name, split="train", token=token)
     except UsageError:
         raise
     except Exception as error:  # datasets raises many types; the user needs the name and the first line
@@ -46,13 +47,14 @@ def load_texts(name: str) -> Dataset:
         raise UsageError(f"could not load dataset {name!r}: {reason}. Check the name or path; for a gated or "
                          f"private Hub dataset set HF_TOKEN; offline, use a local file or `stdlib-code`.") from None
     columns = set(dataset.column_names)
-    if {"prompt", "completion"} <= columns:
-        dataset = dataset.map(lambda ex: {"text": format_prompt(ex["prompt"]) + " " + ex["completion"]},
+    if {prompt_column, completion_column} <= columns:
+        dataset = dataset.map(lambda ex: {"text": format_prompt(ex[prompt_column]) + " " + ex[completion_column]},
                               remove_columns=dataset.column_names)
-    elif "text" in columns:
+    elif "text" in columns and (prompt_column, completion_column) == ("prompt", "completion"):
         dataset = dataset.select_columns(["text"])
     else:
-        raise UsageError(f"dataset {name!r} has columns {sorted(columns)}; it needs prompt and completion, or text")
+        raise UsageError(f"dataset {name!r} has columns {sorted(columns)}; it needs {prompt_column} and "
+                         f"{completion_column} (set --prompt_column/--completion_column), or text")
     if len(dataset) == 0:
         raise UsageError(f"dataset {name!r} is empty")
     return dataset

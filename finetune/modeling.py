@@ -5,7 +5,7 @@ import os
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
 from . import embedded
@@ -26,15 +26,23 @@ def _not_found(model: str, error: Exception) -> UsageError:
                       f"or `tiny-starcoder`.")
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, token: str | None = None):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve(model), token=token)
     except (OSError, ValueError) as error:
         raise _not_found(model, error) from None
     if tokenizer.pad_token is None:  # StarCoder has none; labels mask padding, so reusing EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def check_sequence_length(model: str, seq_length: int, token: str | None = None) -> None:
+    """A sequence longer than the model's learned positions would index past its position table."""
+    config = AutoConfig.from_pretrained(resolve(model), token=token)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and seq_length > limit:
+        raise UsageError(f"--seq_length {seq_length} is above {model!r}'s maximum of {limit} positions")
 
 
 def compute_dtype(requested: str = "auto") -> torch.dtype:
@@ -48,6 +56,12 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
 
 
 def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)
+        except ImportError as error:
+            raise UsageError(f"--quantization {quantization} needs bitsandbytes, which cannot run here ({error}); "
+                             f"install it, or use --quantization none") from None
     if quantization == "4bit":  # QLoRA (Dettmers et al. 2023): NF4 storage, double quantization, 16-bit compute
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype)

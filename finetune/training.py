@@ -7,7 +7,7 @@ import os
 import torch
 from transformers import Trainer, TrainingArguments
 
-from . import evaluation
+from . import checkpointing, evaluation, manifest
 from .cli import TrainArguments
 from .data import collator
 from .modeling import compute_dtype
@@ -74,23 +74,41 @@ def length_grouped(enabled: bool) -> dict:
 
 def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, callbacks=(),
                   **training_overrides) -> Trainer:
+    """The Trainer, writing checkpoints into a staging area that CheckpointCallback commits atomically."""
     setup_wandb(args)
-    trainer = Trainer(model=model, args=training_arguments(args, **training_overrides), train_dataset=train_set,
-                      eval_dataset=eval_set, data_collator=collator(tokenizer), processing_class=tokenizer)
+    settings = dict(output_dir=checkpointing.staging(args.output_dir), save_total_limit=None)  # we rotate
+    trainer = Trainer(model=model, args=training_arguments(args, **{**settings, **training_overrides}),
+                      train_dataset=train_set, eval_dataset=eval_set, data_collator=collator(tokenizer),
+                      processing_class=tokenizer)
     # Our callbacks go first: metrics they add to the logs in on_log then reach the console and W&B, whose
     # callbacks the Trainer registered before any passed in.
-    trainer.callback_handler.callbacks[:0] = list(callbacks)
+    checkpoints = checkpointing.CheckpointCallback(args.output_dir, grace_period=args.grace_period_seconds)
+    trainer.callback_handler.callbacks[:0] = [*callbacks, checkpoints]
     return trainer
 
 
-def finish(trainer: Trainer) -> dict[str, float]:
+def train(trainer: Trainer, args: TrainArguments, resume_from: str | None) -> None:
+    """Train from scratch or from `resume_from`; a SIGTERM/SIGINT ends here, after its checkpoint, as Stopped."""
+    checkpointing.start(args)
+    trainer.train(resume_from_checkpoint=resume_from)
+    handler = trainer.callback_handler
+    next(cb for cb in handler.callbacks if isinstance(cb, checkpointing.CheckpointCallback)).raise_if_stopped(
+        trainer.state)
+
+
+def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -> dict[str, float]:
     """Save the (best) adapter to output_dir, compare it with the base on the held-out split (logged beside the
-    eval loss), close the W&B run, and say where an offline run went."""
-    trainer.save_model()
+    eval loss), write the run's manifest, close the W&B run, and say where an offline run went."""
+    trainer.save_model(args.output_dir)
     comparison = evaluation.compare(trainer.model, trainer.eval_dataset, trainer.processing_class,
                                     trainer.args.per_device_eval_batch_size)
     trainer.log({f"eval_{key}": value for key, value in comparison.items()})
     print(evaluation.describe(comparison))
+    if trainer.is_world_process_zero():
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        manifest.write(args.output_dir, [args, *more_arguments], {
+            "global_step": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
+            **comparison, **metrics})
     if "wandb" not in trainer.args.report_to or not trainer.is_world_process_zero():
         return comparison
     import wandb  # only when W&B is in use

@@ -119,7 +119,7 @@ BAD_INPUTS = [
     (lambda d: ["--dataset", str(d / "missing.jsonl")], "does not exist"),
     (lambda d: ["--dataset", "nobody/no-such-dataset"], "could not load dataset"),
     (lambda d: ["--dataset", _write(d / "cols.jsonl", '{"question": "q", "answer": "a"}\n')],
-     "it needs prompt and completion, or text"),
+     "it needs prompt and completion"),
     (lambda d: ["--dataset", _write(d / "empty.csv", "prompt,completion\n")], "is empty"),
     (lambda d: ["--dataset", _write(d / "empty.jsonl", "")], "is empty"),
     (lambda d: ["--dataset", _write(d / "corrupt.jsonl", '{"prompt": "unterminated\n')], "could not read dataset file"),
