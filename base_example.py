@@ -7,6 +7,8 @@ The steps: load data and tokenize it; load the base model quantized by bitsandby
 and add LoRA (peft); train with the Hugging Face Trainer, evaluating as it goes; keep the best adapter.
 """
 
+from transformers import set_seed
+
 from finetune import checkpointing, cli, data, modeling, training
 from finetune.cli import TrainArguments
 
@@ -25,6 +27,7 @@ def prepare(args: TrainArguments):
     eval_set = data.tokenize(eval_set, tokenizer, args.seq_length)
 
     model = modeling.load_model(args.model, args.quantization, modeling.compute_dtype(args.dtype), token=token)
+    set_seed(args.seed)  # LoRA's A matrices are drawn now, before the Trainer seeds: same seed, same run
     model = modeling.add_lora(model, args)
     model.print_trainable_parameters()
     return tokenizer, model, train_set, eval_set, resume_from

@@ -6,6 +6,8 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
+from . import secrets
+
 
 class UsageError(Exception):
     """Bad input from the user: the message says what was wrong and what to do. Never a traceback."""
@@ -103,7 +105,9 @@ def parse(*dataclass_types, argv=None):
 def run(main, *dataclass_types, argv=None):
     """Parse, call `main(*args)`, and turn a UsageError into one line on stderr and exit status 2."""
     try:
-        return main(*parse(*dataclass_types, argv=argv))
+        arguments = parse(*dataclass_types, argv=argv)
+        secrets.scrub_argv()
+        return main(*arguments)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -3,36 +3,15 @@
 import dataclasses
 import importlib.metadata
 import json
-import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 
 import torch
 
-SECRET_ENVIRONMENT = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-SECRET_NAME = re.compile(r"token|api_key|secret|password", re.IGNORECASE)
-# Hugging Face tokens start with hf_; W&B API keys are 40 hex digits (86 with the new prefix format).
-SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{8,}|\b[0-9a-f]{40}\b|\b[\w-]{3,}-[0-9a-f]{40,}\b")
+from .secrets import redact
+
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "wandb")
-
-
-def redact(value, name: str = ""):
-    """`value` with every secret replaced by "***": by field name, by the environment's secret values, by shape."""
-    if isinstance(value, dict):
-        return {key: redact(item, str(key)) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(item, name) for item in value]
-    if not isinstance(value, str):
-        return value
-    if value and SECRET_NAME.search(name):
-        return "***"
-    for variable in SECRET_ENVIRONMENT:
-        secret = os.environ.get(variable)
-        if secret:
-            value = value.replace(secret, "***")
-    return SECRET_VALUE.sub("***", value)
 
 
 def _git_commit() -> str:

@@ -127,7 +127,15 @@ BAD_INPUTS = [
     (lambda d: ["--max_train_steps", "-3"], "--max_train_steps must be a positive integer"),
     (lambda d: ["--lora_target_modules", "q_attn"], "match no layer of this model"),
     (lambda d: ["--max_steps", "5"], "unknown arguments"),
+    (lambda d: ["--seq_length", "4096"], "above 'tiny-starcoder''s maximum of 1024 positions"),
+    (lambda d: ["--output_dir", _write(d / "a-file", "keep me")], "is a file"),
+    (lambda d: ["--output_dir", str(Path(_write(d / "a-file", "keep me")) / "out")], "cannot be written"),
+    (lambda d: ["--prompt_column", "question"], "it needs question and completion"),
 ]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() if p.is_file() else b"" for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("make_argv,message", BAD_INPUTS)
@@ -135,12 +143,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make_argv, message):
     out = tmp_path / "out"
     argv = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--report_to", "none",
             "--output_dir", str(out), *make_argv(tmp_path)]
+    before = _snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         cli.run(base_example.main, TrainArguments, argv=argv)
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
-    assert not out.exists(), "bad input must not write to the output directory"
+    assert _snapshot(tmp_path) == before, "bad input must not write anything"
+
+
+def test_quantization_that_bitsandbytes_cannot_run_here_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it: import fails
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(base_example.main, TrainArguments, argv=["--model", "tiny-starcoder", "--dataset", "stdlib-code",
+                                                         "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--quantization 4bit needs bitsandbytes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
