@@ -19,7 +19,8 @@ def main(args: TrainArguments):
     trainer = training.build_trainer(args, model, tokenizer, train_set, eval_set, callbacks=[tflops])
     training.train(trainer, args, resume_from)
     training.finish(trainer, args, **tflops.summary)
-    print("throughput:", ", ".join(f"{key}={value:.4g}" for key, value in tflops.summary.items()))
+    if trainer.is_world_process_zero():
+        print("throughput:", ", ".join(f"{key}={value:.4g}" for key, value in tflops.summary.items()))
     return trainer
 
 

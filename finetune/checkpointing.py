@@ -159,17 +159,21 @@ class CheckpointCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        step = state.global_step
-        final = Path(self.output_dir) / f"checkpoint-{step}"
-        commit(Path(staging(self.output_dir)) / f"checkpoint-{step}", final, state.best_global_step)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # every rank has written its part (its RNG state) before rank 0 commits
+            torch.distributed.barrier()
         if state.best_global_step:
             state.best_model_checkpoint = os.path.join(self.output_dir, f"checkpoint-{state.best_global_step}")
-        best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
-        for old in complete_checkpoints(self.output_dir)[: -self.keep]:
-            if old != best:
-                shutil.rmtree(old)
+        if state.is_world_process_zero:
+            step = state.global_step
+            final = Path(self.output_dir) / f"checkpoint-{step}"
+            commit(Path(staging(self.output_dir)) / f"checkpoint-{step}", final, state.best_global_step)
+            best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+            for old in complete_checkpoints(self.output_dir)[: -self.keep]:
+                if old != best:
+                    shutil.rmtree(old)
+        if distributed:  # no rank reads a checkpoint (the best, at the end) before it is in place
+            torch.distributed.barrier()
 
     def raise_if_stopped(self, state) -> None:
         """After trainer.train(): a signalled run ends here, with a line saying how to resume."""

@@ -60,6 +60,7 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         seed=args.seed,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step: skip DDP's extra graph walk
     )
     settings.update(overrides)
     return TrainingArguments(**settings)
@@ -89,7 +90,13 @@ def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, c
 
 def train(trainer: Trainer, args: TrainArguments, resume_from: str | None) -> None:
     """Train from scratch or from `resume_from`; a SIGTERM/SIGINT ends here, after its checkpoint, as Stopped."""
-    checkpointing.start(args)
+    if trainer.is_world_process_zero():
+        checkpointing.start(args)
+        world = trainer.args.world_size
+        print(f"effective batch size: {args.batch_size} per device x {world} process{'es' * (world > 1)} = "
+              f"{args.batch_size * world * trainer.args.gradient_accumulation_steps} sequences per step"
+              + (f"; resuming from {resume_from}" if resume_from else ""), flush=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume_from)
     handler = trainer.callback_handler
     next(cb for cb in handler.callbacks if isinstance(cb, checkpointing.CheckpointCallback)).raise_if_stopped(
@@ -103,8 +110,8 @@ def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -
     comparison = evaluation.compare(trainer.model, trainer.eval_dataset, trainer.processing_class,
                                     trainer.args.per_device_eval_batch_size)
     trainer.log({f"eval_{key}": value for key, value in comparison.items()})
-    print(evaluation.describe(comparison))
     if trainer.is_world_process_zero():
+        print(evaluation.describe(comparison))
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         manifest.write(args.output_dir, [args, *more_arguments], {
             "global_step": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
