@@ -63,11 +63,19 @@ def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesCo
             raise UsageError(f"--quantization {quantization} needs bitsandbytes, which cannot run here ({error}); "
                              f"install it, or use --quantization none") from None
     if quantization == "4bit":  # QLoRA (Dettmers et al. 2023): NF4 storage, double quantization, 16-bit compute
+        # Under FSDP the packed 4-bit weights are stored as the compute dtype, since FSDP flattens each wrapped
+        # module's parameters into one tensor of one dtype (peft's FSDP-QLoRA guide).
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=dtype if fsdp_enabled() else torch.uint8)
     if quantization == "8bit":  # LLM.int8 (Dettmers et al. 2022), the tutorial's choice
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
+
+
+def fsdp_enabled() -> bool:
+    """Launched with `accelerate launch --config_file accelerate/fsdp_qlora.yaml`."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def device() -> torch.device:
@@ -86,7 +94,8 @@ def load_model(model: str | None, quantization: str, dtype: torch.dtype | None =
     dtype = dtype or compute_dtype()
     try:
         loaded = model_class.from_pretrained(
-            resolve(model) if model else None, dtype=dtype, device_map={"": device()},
+            resolve(model) if model else None, dtype=dtype,
+            device_map=None if fsdp_enabled() else {"": device()},  # FSDP places the shards itself
             quantization_config=quantization_config(quantization, dtype), **from_pretrained_kwargs)
     except (OSError, ValueError) as error:
         raise _not_found(model, error) from None

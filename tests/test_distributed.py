@@ -34,3 +34,16 @@ def test_torchrun_two_processes_train_one_adapter(tmp_path):
     logged = [row for row in history(runs[0]) if "train/world_tokens_per_second" in row]
     assert logged and all(row["train/world_tokens_per_second"] > row["train/tokens_per_second"] for row in logged)
     assert (out / "manifest.json").is_file() and done.stdout.count("held-out loss:") == 1
+
+
+def test_fsdp_launch_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    import torch
+
+    from finetune import modeling
+
+    plain = modeling.load_model("tiny-starcoder", "4bit")
+    assert plain.transformer.h[0].attn.c_attn.weight.dtype == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    sharded = modeling.load_model("tiny-starcoder", "4bit")
+    assert sharded.transformer.h[0].attn.c_attn.weight.dtype == modeling.compute_dtype()
+    assert type(sharded.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"

@@ -31,9 +31,11 @@ def pod_spec(obj: dict) -> dict | None:
 
 
 def script_arguments(container: dict) -> tuple[str, list[str]]:
-    script = next((part for part in container.get("command", []) if part.endswith(".py")), "")
-    argv = [re.sub(r"\$\((\w+)\)", "0", arg) for arg in container.get("args", [])]  # env expansion, index 0
-    return script, argv
+    """The Python script a container runs (directly or under torchrun) and the arguments that follow it."""
+    words = [re.sub(r"\$\((\w+)\)", "0", word) for word in [*container.get("command", []),
+                                                              *container.get("args", [])]]  # env expansion
+    position = next((i for i, word in enumerate(words) if word.endswith(".py")), None)
+    return (words[position], words[position + 1:]) if position is not None else ("", [])
 
 
 def parse(script: str, argv: list[str]):
@@ -246,3 +248,70 @@ def test_dockerfile_passes_hadolint_and_runs_as_numeric_non_root():
     assert re.search(r"^USER \d+$", text, re.M) and "ENV HF_HOME=/data/hf-cache" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "outputs", "wandb", ".pytest_cache"} <= set(ignored)
+
+
+@needs_kubectl
+def test_multinode_fallback_renders_validates_and_finds_its_peers(tmp_path):
+    objects = render(ROOT / "k8s" / "multinode")
+    rendered = tmp_path / "multinode.yaml"
+    rendered.write_text(yaml.safe_dump_all(objects))
+    done = subprocess.run(["kubernetes-validate", "--strict", "--quiet", "-k", "1.34.0", str(rendered)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert violations(objects) == []
+    service = next(obj for obj in objects if obj["kind"] == "Service")
+    job = next(obj for obj in objects if obj["kind"] == "Job")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"]["batch.kubernetes.io/job-name"] == job["metadata"]["name"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"]
+    args = pod["containers"][0]["args"]
+    assert f"--master_addr={job['metadata']['name']}-0.{service['metadata']['name']}" in args
+    assert "--node_rank=$(JOB_COMPLETION_INDEX)" in args
+    assert f"--nnodes={job['spec']['completions']}" in args
+    gpus = int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert f"--nproc_per_node={gpus}" in args
+    parse(*script_arguments(pod["containers"][0]))
+
+
+def unknown_fields(model, obj: dict, path: str = "") -> list[str]:
+    """Keys of `obj` that the Kubeflow Trainer API model (generated from the CRD's OpenAPI schema) does not define,
+    at any depth: the generated from_dict would silently drop them."""
+    import typing
+
+    from pydantic import BaseModel
+
+    allowed = getattr(model, f"_{model.__name__}__properties")
+    problems = [f"{path}.{key}" for key in obj if key not in allowed]
+    for name, info in model.model_fields.items():
+        value = obj.get(info.alias or name)
+        kinds = [t for t in typing.get_args(info.annotation) or [info.annotation] for t in [t, *typing.get_args(t)]]
+        nested = [t for t in kinds if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested or value is None or any(typing.get_origin(t) is dict for t in kinds):
+            continue  # maps (resource quantities, labels) have free keys
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                problems += unknown_fields(nested[0], item, f"{path}.{info.alias or name}")
+    return problems
+
+
+def test_trainjob_matches_the_kubeflow_trainer_schema_and_our_policy():
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    trainjob = yaml.safe_load((ROOT / "k8s" / "kubeflow" / "trainjob.yaml").read_text())
+    assert unknown_fields(TrainerV1alpha1TrainJob, trainjob) == []
+    parsed = TrainerV1alpha1TrainJob.from_dict(trainjob)  # types and required fields
+    assert parsed.spec.runtime_ref.name == "torch-distributed"
+    trainer = trainjob["spec"]["trainer"]
+    assert int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == trainer["numProcPerNode"]
+    container = {"name": "trainer", **trainer}  # the rules written for containers apply to the trainer
+    pod_like = {"kind": "Job", "metadata": trainjob["metadata"], "spec": {"template": {"spec": {
+        "containers": [container]}}}}
+    assert image_pinned(pod_like) == [] and secrets_from_secret_refs(pod_like) == []
+    parse(*script_arguments(container))
+
+    broken = copy.deepcopy(trainjob)
+    broken["spec"]["trainer"]["numNode"] = 2  # a typo the API server's schema would reject
+    broken["spec"]["runtimeRef"]["namespace"] = "x"
+    assert unknown_fields(TrainerV1alpha1TrainJob, broken) == [".spec.runtimeRef.namespace", ".spec.trainer.numNode"]
