@@ -79,6 +79,9 @@ def main(args: TrainArguments, speed: SpeedupArguments):
     training.finish(trainer, args, speed, **tflops.summary)
     config = dict(batch_size=args.batch_size, num_workers=speed.num_workers, pin_memory=speed.pin_memory,
                   packing=args.packing, gradient_checkpointing=args.gradient_checkpointing)
+    if "tokens_per_second" not in tflops.summary:  # every step was a warm-up step
+        return sweep.write_result(args.output_dir, config, "error", error=f"no step measured after the "
+                                  f"{tflops.warmup_steps} warm-up steps; raise --max_train_steps")
     return sweep.write_result(args.output_dir, config, "ok", tflops.summary)
 
 

@@ -110,3 +110,19 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial"]
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
     assert "tokens/s" in done.stdout
+
+
+def test_sweep_with_wandb_writes_one_run_per_configuration_and_a_summary(tmp_path):
+    from wandb_records import history, offline_runs, records
+
+    out = tmp_path / "sweep"
+    main(tiny_args(out, max_train_steps=3, eval_steps=3, seq_length=32, report_to="wandb"),
+         SpeedupArguments(num_workers=0, sweep_batch_sizes="2,4"))
+    runs = offline_runs(str(out))
+    assert len(runs) == 3  # two configurations and the summary
+    groups = {record.run.run_group for run in runs for record in records(run) if record.WhichOneof("record_type") == "run"}
+    assert groups == {"sweep"}
+    summary = [run for run in runs if any(key.startswith("results/") for row in history(run) for key in row)]
+    assert len(summary) == 1  # media are logged as nested keys: results/_type = table-file, plots/...
+    keys = {key for row in history(summary[0]) for key in row}
+    assert {"results/_type", "plots/tokens_per_second_vs_batch_size/_type"} <= keys, keys
