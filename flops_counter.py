@@ -54,32 +54,34 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
       after the first trainable parameter; the weight gradient (2 x in x out) only where the weight is trainable.
       A frozen base under LoRA therefore costs 4 FLOPs per weight per token, not 6;
     - attention per layer: Q.K^T and P.V take 4 x seq_len x heads x head_dim per token over all positions; causal
-      masking needs only half of them, so the forward counts 2 x seq_len x heads x head_dim and the backward twice
-      that (gradients of both operands of both matmuls);
+      masking needs only half of them, so the forward counts 2 x seq_len x heads x head_dim and the backward up to
+      twice that: one matmul per operand that needs a gradient (dQ, dK, dP, dV);
     - activation checkpointing recomputes the forward of every checkpointed decoder layer once more: that is
       hardware FLOPs, not model FLOPs.
-    Layers are read from the model (its Linear and Conv1D modules, quantized or not, LoRA adapters included) in
-    registration order, which follows the forward pass in Hugging Face causal LMs; heads and head size come from
-    the config. Embedding lookups cost no FLOPs; a tied LM head is a full matmul and is counted.
+    Layers are read from the model's module tree (its Linear and Conv1D modules, quantized or not, LoRA adapters
+    included), whose registration order follows the forward pass in Hugging Face causal LMs; heads and head size
+    come from the config. Embedding lookups cost no FLOPs; a tied LM head is a full matmul and is counted.
     """
     heads, head_dim = _attention_heads(model.config)
     counts = dict.fromkeys(["linear_forward", "linear_input_grad", "linear_weight_grad", "attention_forward",
                             "attention_backward"], 0.0)
-    recompute = [0.0]
+    recompute = 0.0  # hardware only
 
     def linear(module, shape, gradient_flows: bool, checkpointed: bool) -> bool:
+        nonlocal recompute
         matmul = 2 * shape[0] * shape[1]
         trainable = module.weight.requires_grad
         counts["linear_forward"] += matmul
         counts["linear_input_grad"] += matmul if gradient_flows else 0
         counts["linear_weight_grad"] += matmul if trainable else 0
-        recompute[0] += matmul if checkpointed else 0
+        recompute += matmul if checkpointed else 0
         return gradient_flows or trainable
 
     def walk(module, gradient_flows: bool, checkpointed: bool, block: bool = False) -> bool:
         """Counts `module`; returns whether gradients flow out of it. In a decoder layer's blocks (attention, MLP)
         every projection but the last reads the block's input (q/k/v, gate/up, c_attn, c_fc), so each needs an
         input gradient only if that input carries one; the last reads their combined result."""
+        nonlocal recompute
         shape = _linear_shape(module)
         if shape is not None:
             return linear(module, shape, gradient_flows, checkpointed)
@@ -98,7 +100,7 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
             matmul = seq_len * heads * head_dim  # one of the two, causal: half of 2 x seq_len x heads x head_dim
             counts["attention_forward"] += 2 * matmul
             counts["attention_backward"] += matmul * (q + k + (q or k) + v)
-            recompute[0] += 2 * matmul if checkpointed else 0
+            recompute += 2 * matmul if checkpointed else 0
         return walk(children[-1], any(inputs), checkpointed)
 
     # Gradients reach the first layer's input only if the embeddings train, or if a hook makes their output
@@ -106,7 +108,7 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
     embeddings = model.get_input_embeddings()
     walk(model, any(p.requires_grad for p in embeddings.parameters()) or bool(embeddings._forward_hooks), False)
     model_flops = sum(counts.values())
-    return FlopsPerToken(model=model_flops, hardware=model_flops + recompute[0], breakdown=counts)
+    return FlopsPerToken(model=model_flops, hardware=model_flops + recompute, breakdown=counts)
 
 
 # Dense (no 2:4 sparsity) 16-bit tensor-core peaks in TFLOP/s; bf16 and fp16 are equal on all of these. Datasheets

@@ -124,9 +124,10 @@ class CheckpointCallback(TrainerCallback):
         self.signal: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(number, self._request_stop)
+                self.previous_handlers[number] = signal.signal(number, self._request_stop)
         if state.best_global_step:  # resumed: the saved path may name the staging area
             state.best_model_checkpoint = os.path.join(self.output_dir, f"checkpoint-{state.best_global_step}")
 
@@ -174,6 +175,11 @@ class CheckpointCallback(TrainerCallback):
                     shutil.rmtree(old)
         if distributed:  # no rank reads a checkpoint (the best, at the end) before it is in place
             torch.distributed.barrier()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.signal is None:  # after a signal the defaults stay: a second one stops at once
+            for number, handler in self.previous_handlers.items():
+                signal.signal(number, handler)
 
     def raise_if_stopped(self, state) -> None:
         """After trainer.train(): a signalled run ends here, with a line saying how to resume."""
