@@ -140,7 +140,8 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
             **training.length_grouped(False))
         trainer.train()
     result = {"recipe": name, **RECIPES[name], "seq_length": args.seq_length, "size": size,
-              "load_seconds": load_seconds, **tflops.summary, "flops_per_token": flops_per_token(model, args.seq_length).model}
+              "load_seconds": load_seconds, **tflops.summary,
+              "flops_per_token": flops_per_token(model, args.seq_length).model}
     autocast = dict(device_type="cuda", dtype=dtype, enabled=trainer.args.bf16 or trainer.args.fp16)
     if timer:
         from torch.utils.flop_counter import FlopCounterMode

@@ -29,7 +29,7 @@ class TrainArguments:
         "help": "Hub id, or a local .json/.jsonl/.csv/.parquet file with prompt/completion (or text) columns; "
                 "`stdlib-code` builds pairs from this Python's standard library."})
     quantization: Literal["4bit", "8bit", "none"] = field(default="4bit", metadata={
-        "help": "4bit: NF4 + double quantization (QLoRA); 8bit: LLM.int8 as the tutorial; none: LoRA on a 16-bit base."})
+        "help": "4bit: NF4 + double quantization (QLoRA); 8bit: LLM.int8, as the tutorial; none: a 16-bit base."})
     seq_length: int = field(default=512, metadata={"help": "Tokens per example; longer examples are truncated."})
     batch_size: int = field(default=4, metadata={"help": "Examples per device per step."})
     max_train_steps: int = field(default=60, metadata={"help": "Optimizer steps to train."})
@@ -38,7 +38,8 @@ class TrainArguments:
         "help": "wandb logs online when credentials are configured, otherwise offline under output_dir."})
     wandb_project: str = field(default="starcoder-lora", metadata={"help": "W&B project name."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, LoRA initialisation and dropout."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (QLoRA paper: 2e-4 for small models)."})
+    learning_rate: float = field(default=2e-4, metadata={
+        "help": "Peak learning rate (the QLoRA paper's 2e-4 for small models)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={

@@ -225,6 +225,7 @@ def log_summary_to_wandb(rows: list[dict], out_dir: str) -> None:
 
     run = wandb.init(name="summary", job_type="sweep-summary", group=os.environ.get("WANDB_RUN_GROUP"))
     table = wandb.Table(columns=COLUMNS, data=[[row[column] for column in COLUMNS] for row in rows])
-    images = {f"plots/{path.stem}": wandb.Image(str(path)) for path in sorted(Path(out_dir).glob("*_vs_batch_size.png"))}
+    plots = sorted(Path(out_dir).glob("*_vs_batch_size.png"))
+    images = {f"plots/{path.stem}": wandb.Image(str(path)) for path in plots}
     run.log({"results": table, **images})
     run.finish()

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -120,7 +119,8 @@ def test_sweep_with_wandb_writes_one_run_per_configuration_and_a_summary(tmp_pat
          SpeedupArguments(num_workers=0, sweep_batch_sizes="2,4"))
     runs = offline_runs(str(out))
     assert len(runs) == 3  # two configurations and the summary
-    groups = {record.run.run_group for run in runs for record in records(run) if record.WhichOneof("record_type") == "run"}
+    groups = {record.run.run_group for run in runs for record in records(run)
+              if record.WhichOneof("record_type") == "run"}
     assert groups == {"sweep"}
     summary = [run for run in runs if any(key.startswith("results/") for row in history(run) for key in row)]
     assert len(summary) == 1  # media are logged as nested keys: results/_type = table-file, plots/...
