@@ -37,7 +37,7 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
     """The tutorial's Trainer settings on today's names (eval_strategy, not evaluation_strategy)."""
     dtype = torch.cuda.is_available() and compute_dtype(args.dtype)
     settings = dict(
-        output_dir=args.output_dir,
+        output_dir=checkpointing.staging(args.output_dir),  # CheckpointCallback commits each checkpoint from here
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         max_steps=args.max_train_steps,
@@ -48,8 +48,7 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         eval_on_start=True,  # step 0: the base model's held-out loss (LoRA's B starts at zero)
         eval_steps=args.eval_steps,
         save_strategy="steps",
-        save_steps=args.eval_steps,
-        save_total_limit=2,
+        save_steps=args.eval_steps,  # keeping the newest two and the best: CheckpointCallback
         load_best_model_at_end=True,  # the adapter kept at the end is the one with the lowest eval loss
         metric_for_best_model="eval_loss",
         logging_steps=args.logging_steps,
@@ -77,8 +76,7 @@ def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, c
                   **training_overrides) -> Trainer:
     """The Trainer, writing checkpoints into a staging area that CheckpointCallback commits atomically."""
     setup_wandb(args)
-    settings = dict(output_dir=checkpointing.staging(args.output_dir), save_total_limit=None)  # we rotate
-    trainer = Trainer(model=model, args=training_arguments(args, **{**settings, **training_overrides}),
+    trainer = Trainer(model=model, args=training_arguments(args, **training_overrides),
                       train_dataset=train_set, eval_dataset=eval_set, data_collator=collator(tokenizer),
                       processing_class=tokenizer)
     # Our callbacks go first: metrics they add to the logs in on_log then reach the console and W&B, whose
@@ -126,5 +124,5 @@ def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -
     if os.environ.get("WANDB_MODE") == "offline":
         runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")))
         if runs:
-            print(f"W&B ran offline (no credentials found); upload the run with: wandb sync {runs[-1]}")
+            print(f"W&B ran offline; upload the run with: wandb sync {runs[-1]}")
     return comparison
