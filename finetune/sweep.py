@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import secrets
 from .cli import UsageError
 
 AXES = ["batch_size", "num_workers", "pin_memory", "packing", "gradient_checkpointing"]
@@ -55,6 +56,8 @@ def _as_flags(*dataclass_values) -> list[str]:
             setting = getattr(value, item.name)
             if item.name.startswith("sweep_") or item.name == "merge_results":  # the child runs one configuration
                 continue
+            if secrets.SECRET_NAME.search(item.name):  # passed in the environment, not on a command line
+                continue
             flags += [f"--{item.name}", str(setting)]
     return flags
 
@@ -64,12 +67,13 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str) ->
     directory = os.path.join(sweep_dir, config_name(config))
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
                                      gradient_checkpointing=config["gradient_checkpointing"],
-                                     packing=config["packing"], recipe="",
+                                     packing=config["packing"], recipe="", overwrite_output_dir=True,  # measure anew
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
     child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"])
     command = [sys.executable, script, *_as_flags(child_args, child_speed)]
     print(f"[sweep] {config_name(config)}", flush=True)
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, **({"HF_TOKEN": args.hf_token} if args.hf_token else {}))
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if done.returncode == 0 and os.path.exists(os.path.join(directory, RESULT)):
         return json.load(open(os.path.join(directory, RESULT)))
     message = _first_error_line(done.stderr)
