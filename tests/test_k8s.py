@@ -30,6 +30,11 @@ def pod_spec(obj: dict) -> dict | None:
     return obj["spec"]["template"]["spec"] if obj["kind"] == "Job" else None
 
 
+def containers(obj: dict) -> list[dict]:
+    spec = pod_spec(obj)
+    return spec["containers"] if spec else []
+
+
 def script_arguments(container: dict) -> tuple[str, list[str]]:
     """The Python script a container runs (directly or under torchrun) and the arguments that follow it."""
     words = [re.sub(r"\$\((\w+)\)", "0", word) for word in [*container.get("command", []),
@@ -55,21 +60,19 @@ def runs_as_non_root(obj):
 
 
 def no_privilege_escalation(obj):
-    spec = pod_spec(obj) or {"containers": []}
-    return [f"{c['name']}: allowPrivilegeEscalation false and capabilities dropped" for c in spec["containers"]
+    return [f"{c['name']}: allowPrivilegeEscalation false and capabilities dropped" for c in containers(obj)
             if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False
             or "ALL" not in c.get("securityContext", {}).get("capabilities", {}).get("drop", [])]
 
 
 def image_pinned(obj):
-    spec = pod_spec(obj) or {"containers": []}
-    return [f"{c['name']}: image {c['image']!r} needs a version tag, never latest" for c in spec["containers"]
+    return [f"{c['name']}: image {c['image']!r} needs a version tag, never latest" for c in containers(obj)
             if ":" not in c["image"].rsplit("/", 1)[-1] or c["image"].endswith(":latest")]
 
 
 def secrets_from_secret_refs(obj):
     problems = []
-    for container in (pod_spec(obj) or {"containers": []})["containers"]:
+    for container in containers(obj):
         for env in container.get("env", []):
             secret_like = env["name"] in SECRET_NAMES or re.search(r"TOKEN|API_KEY|SECRET|PASSWORD", env["name"])
             if secret_like and "secretKeyRef" not in env.get("valueFrom", {}):
@@ -81,15 +84,14 @@ def secrets_from_secret_refs(obj):
 
 
 def gpu_limits(obj):
-    spec = pod_spec(obj) or {"containers": []}
-    return [f"{c['name']}: a training container needs nvidia.com/gpu in limits" for c in spec["containers"]
+    return [f"{c['name']}: a training container needs nvidia.com/gpu in limits" for c in containers(obj)
             if script_arguments(c)[0] in TRAINING_SCRIPTS
             and int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) < 1]
 
 
 def memory_and_cpu(obj):
     problems = []
-    for container in (pod_spec(obj) or {"containers": []})["containers"]:
+    for container in containers(obj):
         resources = container.get("resources", {})
         if not all(resources.get(kind, {}).get("memory") for kind in ("requests", "limits")):
             problems.append(f"{container['name']}: memory requests and limits are required")
@@ -103,12 +105,9 @@ def memory_and_cpu(obj):
 
 
 def shm_mounted(obj):
-    spec = pod_spec(obj)
-    if spec is None:
-        return []
-    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    volumes = {v["name"]: v for v in (pod_spec(obj) or {}).get("volumes", [])}
     problems = []
-    for container in spec["containers"]:
+    for container in containers(obj):
         mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"), None)
         volume = volumes.get(mount["name"], {}) if mount else {}
         if volume.get("emptyDir", {}).get("medium") != "Memory" or not volume["emptyDir"].get("sizeLimit"):
@@ -117,12 +116,9 @@ def shm_mounted(obj):
 
 
 def cache_on_volume(obj):
-    spec = pod_spec(obj)
-    if spec is None:
-        return []
-    claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    claims = {v["name"] for v in (pod_spec(obj) or {}).get("volumes", []) if "persistentVolumeClaim" in v}
     problems = []
-    for container in spec["containers"]:
+    for container in containers(obj):
         hf_home = next((e.get("value", "") for e in container.get("env", []) if e["name"] == "HF_HOME"), "")
         mounted = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in claims]
         if not any(hf_home.startswith(path) for path in mounted):
@@ -226,7 +222,7 @@ def test_container_command_lines_parse_with_the_scripts_own_parsers():
     objects = render(ROOT / "k8s" / "overlays" / OVERLAYS[0])
     scripts = []
     for obj in objects:
-        for container in (pod_spec(obj) or {"containers": []})["containers"]:
+        for container in containers(obj):
             script, argv = script_arguments(container)
             parsed = parse(script, argv)  # an unknown or renamed flag raises SystemExit here
             assert parsed[0].output_dir.startswith("/data/")
