@@ -3,6 +3,9 @@
 import glob
 import netrc
 import os
+import random
+import string
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -24,13 +27,21 @@ def _wandb_credentials() -> bool:
 
 def setup_wandb(args: TrainArguments) -> None:
     """Point W&B at the output directory; without credentials (and no WANDB_MODE chosen), log offline so a run
-    never blocks on a login prompt or the network."""
+    never blocks on a login prompt or the network. The run id is kept in the output directory, so a resumed run
+    continues the same W&B run instead of starting a new one."""
     if args.report_to != "wandb":
         return
     os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
     os.environ.setdefault("WANDB_DIR", os.path.abspath(args.output_dir))
     if "WANDB_MODE" not in os.environ and not _wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
+    id_file = Path(args.output_dir) / "wandb_run_id"
+    if int(os.environ.get("RANK", 0)) == 0 and (args.overwrite_output_dir or not id_file.is_file()):
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text("".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8)))
+    if id_file.is_file():  # set, not setdefault: a sweep's children must not inherit the parent's run
+        os.environ["WANDB_RUN_ID"] = id_file.read_text().strip()
+        os.environ["WANDB_RESUME"] = "allow"
 
 
 def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:

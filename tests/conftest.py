@@ -22,7 +22,7 @@ from finetune.cli import TrainArguments  # noqa: E402
 @pytest.fixture(autouse=True)
 def _fresh_wandb_env(monkeypatch):
     # setup_wandb writes these into os.environ; each test starts without them.
-    for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_GROUP"):
+    for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_GROUP", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -147,3 +147,20 @@ def test_another_configuration_in_the_output_directory_is_refused(tmp_path, caps
     assert sorted(str(p) for p in out.rglob("*")) == before, "nothing was overwritten"
     cli.run(base_example.main, cli.TrainArguments, argv=[*argv, "--lora_r", "8", "--overwrite_output_dir"])
     assert json.loads((out / checkpointing.RUN_CONFIG).read_text())["lora_r"] == 8
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    from wandb_records import history, offline_runs, records
+
+    import base_example
+
+    argv = [*COMMON, "--max_train_steps", "2", "--eval_steps", "2", "--report_to", "wandb",
+            "--output_dir", str(tmp_path / "out")]
+    cli.run(base_example.main, cli.TrainArguments, argv=argv)
+    os.environ.pop("WANDB_RUN_ID")  # a new process would start without it
+    cli.run(base_example.main, cli.TrainArguments, argv=[*argv, "--max_train_steps", "4"])
+    runs = offline_runs(str(tmp_path / "out"))  # one directory per start, or one shared within the same second
+    ids = {record.run.run_id for run in runs for record in records(run) if record.WhichOneof("record_type") == "run"}
+    assert ids == {(tmp_path / "out" / "wandb_run_id").read_text()}, (runs, ids)
+    steps = {row.get("train/global_step") for run in runs for row in history(run)}
+    assert 4 in steps  # the resumed part was logged under the same run id
