@@ -194,8 +194,7 @@ class TFLOPSCallback(TrainerCallback):
         # Tensors only: a .item() here would stall the GPU pipeline on every micro-batch.
         lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
         lengths = lengths.to(self.counts)
-        self.counts += torch.stack([lengths.sum(), (lengths**2).sum(), torch.tensor(float(len(lengths)),
-                                                                                      device=self.device)])
+        self.counts += torch.stack([lengths.sum(), (lengths**2).sum(), torch.ones_like(lengths).sum()])
 
     # -- timing: synchronised step boundaries -------------------------------------------------------------------
     def _now(self) -> float:
