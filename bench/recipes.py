@@ -63,11 +63,12 @@ def matmul_ceiling() -> float | None:
 
 def random_state_dict(config, dtype) -> dict:
     """StarCoder-shaped random weights (GPT-2-style N(0, 0.02) init) on the GPU, for the loading path to quantize."""
+    from finetune import modeling
     from transformers import GPTBigCodeForCausalLM
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in GPTBigCodeForCausalLM(config).state_dict().items()}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = modeling.device()  # this rank's GPU under torchrun (bench/ddp_scaling.py)
     generator = torch.Generator(device=device).manual_seed(0)
     return {name: (torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.02)
             for name, shape in shapes.items()}
@@ -130,7 +131,8 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
         load_seconds = time.perf_counter() - started
         model = modeling.add_lora(model, args)
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # only its pad id is used, by the collator
-        train_set = synthetic_examples(args, total_steps * args.batch_size, config.vocab_size)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # each rank trains on its own 1/world of the examples
+        train_set = synthetic_examples(args, total_steps * args.batch_size * world, config.vocab_size)
         tflops = TFLOPSCallback(warmup_steps=warmup)
         timer = CudaEventTimer() if verify_flops and torch.cuda.is_available() else None
         trainer = training.build_trainer(
@@ -201,7 +203,7 @@ def main(options) -> list[dict]:
         command = [sys.executable, __file__, "--one", name, "--size", options.size, "--steps", str(options.steps),
                    "--warmup", str(options.warmup), "--seq_length", str(options.seq_length)]
         command += ["--verify_flops"] if options.verify_flops and not index else []
-        command += ["--profile_dir", options.profile_dir] if name in options.profile.split(",") else []
+        command += ["--profile", options.profile, "--profile_dir", os.path.abspath(options.profile_dir)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == 0 and lines:
@@ -247,7 +249,9 @@ if __name__ == "__main__":
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     if options.one:
-        print(json.dumps(run_one(options.one, options.size, options.steps, options.warmup, options.verify_flops,
-                                 options.seq_length, options.profile_dir)))
+        result = run_one(options.one, options.size, options.steps, options.warmup, options.verify_flops,
+                         options.seq_length, options.profile_dir if options.one in options.profile.split(",") else "")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
     else:
         main(options)

@@ -52,6 +52,7 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
         return getattr(torch, requested)
     if not torch.cuda.is_available():
         return torch.float32
+    device()  # asks the current device, which must be this rank's
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
@@ -79,11 +80,16 @@ def fsdp_enabled() -> bool:
 
 
 def device() -> torch.device:
-    """This process's device: under torchrun each rank takes its LOCAL_RANK's GPU. Never device_map="auto" with
-    several processes: it would spread one model over all GPUs and leave the other ranks' copies nowhere."""
+    """This process's device, made the current CUDA device: under torchrun each rank takes its LOCAL_RANK's GPU.
+    Never device_map="auto" with several processes: it would spread one model over all GPUs and leave the other
+    ranks' copies nowhere. Until it is set, the current device is GPU 0 in every process: each rank's first CUDA
+    call would open a context there, and under FSDP (no device_map) bitsandbytes would quantize every rank's
+    copy onto it."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(gpu)
+    return gpu
 
 
 def load_model(model: str | None, quantization: str, dtype: torch.dtype | None = None,
@@ -92,10 +98,11 @@ def load_model(model: str | None, quantization: str, dtype: torch.dtype | None =
     benches build a model from in-memory weights through the same path: `model=None`, the architecture's class,
     and `config=` and `state_dict=`."""
     dtype = dtype or compute_dtype()
+    placement = device()
     try:
         loaded = model_class.from_pretrained(
             resolve(model) if model else None, dtype=dtype,
-            device_map=None if fsdp_enabled() else {"": device()},  # FSDP places the shards itself
+            device_map=None if fsdp_enabled() else {"": placement},  # FSDP places the shards itself
             quantization_config=quantization_config(quantization, dtype), **from_pretrained_kwargs)
     except (OSError, ValueError) as error:
         raise _not_found(model, error) from None

@@ -115,6 +115,10 @@ def train(trainer: Trainer, args: TrainArguments, resume_from: str | None) -> No
 def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -> dict[str, float]:
     """Save the (best) adapter to output_dir, compare it with the base on the held-out split (logged beside the
     eval loss), write the run's manifest, close the W&B run, and say where an offline run went."""
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (fast to write, resumable); the final adapter is gathered whole, or save_model
+        # would write no adapter at all (seen on 2 H200s, 2026-11-28).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)
     comparison = evaluation.compare(trainer.model, trainer.eval_dataset, trainer.processing_class,
                                     trainer.args.per_device_eval_batch_size)
