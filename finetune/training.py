@@ -112,14 +112,31 @@ def train(trainer: Trainer, args: TrainArguments, resume_from: str | None) -> No
         trainer.state)
 
 
+def save_fsdp_adapter(trainer: Trainer, output_dir: str) -> None:
+    """Under FSDP, gather the adapter onto rank 0 and write it as peft does (keys without the adapter name).
+    Checkpoints stay sharded (resumable). Not save_model: peft 0.21 finds adapter weights by module name, strips only
+    a leading `_fsdp_wrapped_module.`, and so wrote an empty adapter when FSDP wraps every block (2 H200s,
+    2026-11-28)."""
+    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank joins, rank 0 gets it
+    if not trainer.is_world_process_zero():
+        return
+    from safetensors.torch import save_file
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = {key.replace(f".{model.active_adapter}.", "."): value for key, value in state.items() if "lora_" in key}
+    os.makedirs(output_dir, exist_ok=True)
+    save_file(adapter, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[model.active_adapter].save_pretrained(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
+
+
 def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -> dict[str, float]:
     """Save the (best) adapter to output_dir, compare it with the base on the held-out split (logged beside the
     eval loss), write the run's manifest, close the W&B run, and say where an offline run went."""
     if trainer.is_fsdp_enabled:
-        # Checkpoints stay sharded (fast to write, resumable); the final adapter is gathered whole, or save_model
-        # would write no adapter at all (seen on 2 H200s, 2026-11-28).
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(args.output_dir)
+        save_fsdp_adapter(trainer, args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)
     comparison = evaluation.compare(trainer.model, trainer.eval_dataset, trainer.processing_class,
                                     trainer.args.per_device_eval_batch_size)
     trainer.log({f"eval_{key}": value for key, value in comparison.items()})
