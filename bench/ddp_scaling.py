@@ -14,11 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import time
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.recipes import environment  # noqa: E402
 
 
 def run(recipe: str, gpus: int, options) -> dict:
@@ -36,9 +35,7 @@ def run(recipe: str, gpus: int, options) -> dict:
 
 
 def main(options) -> list[dict]:
-    header = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "gpu_count": torch.cuda.device_count(), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    header = environment()
     print(json.dumps(header))
     results = []
     for recipe in options.recipes.split(","):

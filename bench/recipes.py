@@ -190,13 +190,19 @@ def profile_step(model, train_set, args, autocast: dict, out_dir: str, name: str
     return path
 
 
-def main(options) -> list[dict]:
-    ceiling = matmul_ceiling()
+def environment() -> dict:
+    """What a result needs beside it: the machine, the library versions, the date and the command."""
     header = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-              "torch": torch.__version__, "bf16_matmul_tflops": ceiling,
+              "gpu_count": torch.cuda.device_count(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     for package in ("transformers", "peft", "bitsandbytes", "accelerate"):
         header[package] = __import__(package).__version__
+    return header
+
+
+def main(options) -> list[dict]:
+    ceiling = matmul_ceiling()
+    header = {**environment(), "bf16_matmul_tflops": ceiling}
     print(json.dumps(header))
     results = []
     for index, name in enumerate(options.recipes.split(",")):
