@@ -12,24 +12,18 @@ step time of a DDP step is the slowest rank's, so the all-reduce and any straggl
 import argparse
 import json
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.recipes import environment  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.recipes import add_run_arguments, environment, run_recipe, write_json  # noqa: E402
 
 
 def run(recipe: str, gpus: int, options) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-               "bench/recipes.py", "--one", recipe, "--size", options.size, "--steps", str(options.steps),
-               "--warmup", str(options.warmup), "--seq_length", str(options.seq_length)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        error = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-        return {"recipe": recipe, "gpus": gpus, "status": "error", "error": error[0][:300]}
-    result = json.loads(lines[-1])
+    result = run_recipe(recipe, options, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                   str(gpus)))
+    if "tokens_per_second" not in result:
+        return {"gpus": gpus, **result}
+    # One process reports no world_* values: the world is that one GPU.
     return {"gpus": gpus, **result, "world_tokens_per_second": result.get("world_tokens_per_second",
                                                                           result["tokens_per_second"])}
 
@@ -58,19 +52,14 @@ def main(options) -> list[dict]:
         print(f"{row['recipe']:10s} {row['gpus']:>4d} {row['batch_size']:>9d} {row['tokens_per_second']:12.0f} "
               f"{row['world_tokens_per_second']:14.0f} {row.get('mfu', 0):6.1%} {row.get('peak_memory_gib', 0):8.1f} "
               f"{efficiency:>10s}")
-    if options.json:
-        with open(options.json, "w") as f:
-            json.dump({**header, "results": results}, f, indent=1)
+    write_json(options.json, header, results)
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="15b", choices=["15b", "7b", "3b", "1b", "tiny"])
+    add_run_arguments(parser)
+    parser.set_defaults(steps=6)
     parser.add_argument("--recipes", default="fast", help="recipes of bench/recipes.py, comma-separated")
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run; 1 must come first, as the baseline")
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
-    parser.add_argument("--seq_length", type=int, default=0, help="override the recipes' sequence length")
-    parser.add_argument("--json", default="")
     main(parser.parse_args())

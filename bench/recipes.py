@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -200,24 +201,50 @@ def environment() -> dict:
     return header
 
 
+EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?([\w.]*(Error|Exception)|error): \S")
+
+
+def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> dict:
+    """Train one recipe in a child process, `python [launcher] recipes.py --one NAME` (the launcher: e.g. torchrun
+    for bench/ddp_scaling.py): its result line, or its failure (oom or error, with stderr's last line)."""
+    command = [sys.executable, *launcher, os.path.abspath(__file__), "--one", name, "--size", options.size,
+               "--steps", str(options.steps), "--warmup", str(options.warmup), "--seq_length", str(options.seq_length),
+               *extra]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    # The child's exception line ("[rank0]: KeyError: 'x'" under torchrun, whose own summary follows it).
+    error = [line for line in lines if EXCEPTION_LINE.match(line)][-1:] or lines[-1:] or ["no output"]
+    status = "oom" if "out of memory" in done.stderr.lower() else "error"
+    return {"recipe": name, **RECIPES.get(name, {}), "status": status, "error": error[0][:300]}
+
+
+def write_json(path: str, header: dict, results: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({**header, "results": results}, f, indent=1)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every recipe run takes, here and in bench/ddp_scaling.py."""
+    parser.add_argument("--size", default="15b", choices=["15b", "7b", "3b", "1b", "tiny"])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
+    parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")
+    parser.add_argument("--json", default="", help="write the header and results here")
+
+
 def main(options) -> list[dict]:
     ceiling = matmul_ceiling()
     header = {**environment(), "bf16_matmul_tflops": ceiling}
     print(json.dumps(header))
     results = []
     for index, name in enumerate(options.recipes.split(",")):
-        command = [sys.executable, __file__, "--one", name, "--size", options.size, "--steps", str(options.steps),
-                   "--warmup", str(options.warmup), "--seq_length", str(options.seq_length)]
-        command += ["--verify_flops"] if options.verify_flops and not index else []
-        command += ["--profile", options.profile, "--profile_dir", os.path.abspath(options.profile_dir)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode == 0 and lines:
-            results.append(json.loads(lines[-1]))
-        else:
-            error = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-            status = "oom" if "out of memory" in done.stderr.lower() else "error"
-            results.append({"recipe": name, **RECIPES[name], "status": status, "error": error[0][:300]})
+        extra = ["--verify_flops"] if options.verify_flops and not index else []
+        extra += ["--profile", options.profile, "--profile_dir", os.path.abspath(options.profile_dir)]
+        results.append(run_recipe(name, options, extra=tuple(extra)))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{header['gpu']}, StarCoder-{options.size} random weights, {header['date']}, torch {header['torch']}, "
           f"bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s")
@@ -235,23 +262,17 @@ def main(options) -> list[dict]:
             v = row["verify"]
             print(f"  verify: callback {v['callback_model_tflops']:.1f} TFLOP/s vs FlopCounterMode over CUDA events "
                   f"{v['event_model_tflops']:.1f} ({v['callback_model_tflops'] / v['event_model_tflops'] - 1:+.2%})")
-    if options.json:
-        with open(options.json, "w") as f:
-            json.dump({**header, "results": results}, f, indent=1)
+    write_json(options.json, header, results)
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="15b", choices=["15b", "7b", "3b", "1b", "tiny"])
+    add_run_arguments(parser)
     parser.add_argument("--recipes", default="tutorial,qlora,bf16_lora,fast,lean", help=f"from {', '.join(RECIPES)}")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per recipe")
-    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
-    parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")
     parser.add_argument("--verify_flops", action="store_true", help="check the first recipe's FLOPs count")
     parser.add_argument("--profile", default="", help="recipes to profile one step of (comma-separated)")
     parser.add_argument("--profile_dir", default=".", help="where the profile tables go")
-    parser.add_argument("--json", default="")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     if options.one:
