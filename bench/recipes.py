@@ -206,7 +206,7 @@ EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?([\w.]*(Error|Exception)|error)
 
 def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> dict:
     """Train one recipe in a child process, `python [launcher] recipes.py --one NAME` (the launcher: e.g. torchrun
-    for bench/ddp_scaling.py): its result line, or its failure (oom or error, with stderr's last line)."""
+    for bench/ddp_scaling.py): its result line, or its failure (oom or error, with the child's exception line)."""
     command = [sys.executable, *launcher, os.path.abspath(__file__), "--one", name, "--size", options.size,
                "--steps", str(options.steps), "--warmup", str(options.warmup), "--seq_length", str(options.seq_length),
                *extra]
