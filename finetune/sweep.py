@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import secrets
+from . import secrets, training
 from .cli import UsageError
 
 AXES = ["batch_size", "num_workers", "pin_memory", "packing", "gradient_checkpointing"]
@@ -232,4 +232,4 @@ def log_summary_to_wandb(rows: list[dict], out_dir: str) -> None:
     plots = sorted(Path(out_dir).glob("*_vs_batch_size.png"))
     images = {f"plots/{path.stem}": wandb.Image(str(path)) for path in plots}
     run.log({"results": table, **images})
-    run.finish()
+    training.end_wandb_run()

@@ -146,15 +146,20 @@ def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -
         manifest.write(args.output_dir, [args, *more_arguments], {
             "global_step": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
             **comparison, **metrics})
-    if "wandb" not in trainer.args.report_to or not trainer.is_world_process_zero():
-        return comparison
+    if "wandb" in trainer.args.report_to and trainer.is_world_process_zero():
+        end_wandb_run()
+    return comparison
+
+
+def end_wandb_run() -> None:
+    """Close this process's W&B run and forget its settings (its directory), so a later run in this process (a
+    test, a notebook, the sweep's summary) gets its own; offline, say how to upload it."""
     import wandb  # only when W&B is in use
 
     if wandb.run is not None:
         wandb.finish()
-    wandb.teardown()  # forget this run's settings (its directory), so a second run in this process gets its own
+    wandb.teardown()
     if os.environ.get("WANDB_MODE") == "offline":
         runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")))
         if runs:
             print(f"W&B ran offline; upload the run with: wandb sync {runs[-1]}")
-    return comparison
