@@ -123,6 +123,8 @@ def test_sweep_with_wandb_writes_one_run_per_configuration_and_a_summary(tmp_pat
               if record.WhichOneof("record_type") == "run"}
     assert groups == {"sweep"}
     summary = [run for run in runs if any(key.startswith("results/") for row in history(run) for key in row)]
-    assert len(summary) == 1  # media are logged as nested keys: results/_type = table-file, plots/...
+    # Media are logged as nested keys: results/_type = table-file, plots/... (seen failing once, not reproduced since:
+    # the message keeps what each run held)
+    assert len(summary) == 1, {run: sorted({key for row in history(run) for key in row})[:20] for run in runs}
     keys = {key for row in history(summary[0]) for key in row}
     assert {"results/_type", "plots/tokens_per_second_vs_batch_size/_type"} <= keys, keys
