@@ -10,6 +10,7 @@ Trainer logs or saves. We keep that metric for comparison (`achieved_tflops`) an
 """
 
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -111,43 +112,59 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
     return FlopsPerToken(model=model_flops, hardware=model_flops + recompute, breakdown=counts)
 
 
-# Dense (no 2:4 sparsity) 16-bit tensor-core peaks in TFLOP/s; bf16 and fp16 are equal on all of these. Datasheets
-# print the sparse figure; dense is half of it. Matched against torch.cuda.get_device_name(), first match wins.
-PEAK_TFLOPS_16BIT = [
-    ("H200 NVL", 835.5),  # NVIDIA H200 datasheet: H200 NVL BF16 1,671 TFLOPS with sparsity
-    ("H200", 989.5),  # NVIDIA H200 datasheet: H200 SXM BF16 1,979 TFLOPS with sparsity
-    ("H100 NVL", 835.5),  # NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS with sparsity
-    ("H100 PCIe", 756.5),  # NVIDIA H100 datasheet: H100 PCIe BF16 1,513 TFLOPS with sparsity
-    ("H100", 989.5),  # NVIDIA H100 datasheet: H100 SXM BF16 1,979 TFLOPS with sparsity
-    ("A100", 312.0),  # NVIDIA A100 datasheet: BF16 312 TFLOPS dense (SXM and PCIe alike)
-    ("L40S", 362.05),  # NVIDIA L40S datasheet: BF16 362.05 TFLOPS dense
-    ("L4", 121.0),  # NVIDIA L4 datasheet: BF16 242 TFLOPS with sparsity
-    ("A10", 125.0),  # NVIDIA A10 datasheet: BF16 125 TFLOPS dense
-    ("RTX 4090", 165.2),  # NVIDIA Ada Lovelace architecture whitepaper, appendix: FP16/BF16 with FP32 accumulate
-    ("RTX 6000 Ada", 364.2),  # NVIDIA RTX 6000 Ada datasheet: 1,457 TFLOPS FP8 sparse; 16-bit is a quarter of it
+# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s: bf16 (equal to fp16 on all of these) and FP8 (None where
+# the chip has none). Datasheets print the sparse figure; dense is half of it. Each row matches one device name as
+# torch.cuda.get_device_name() reports it, by a pattern with word boundaries (an `L4` row must not match an L40, nor
+# `A100` an RTX A1000); the example is the name the row is tested with.
+PEAK_TFLOPS = [  # (pattern, bf16, fp8, example device name)
+    (r"\bH200 NVL\b", 835.5, 1670.5, "NVIDIA H200 NVL"),  # NVIDIA H200 datasheet: NVL BF16 1,671, FP8 3,341 sparse
+    (r"\bH200\b(?! NVL)", 989.5, 1979.0, "NVIDIA H200"),  # NVIDIA H200 datasheet: SXM BF16 1,979, FP8 3,958 sparse
+    (r"\bH100 NVL\b", 835.5, 1670.5, "NVIDIA H100 NVL"),  # NVIDIA H100 datasheet: NVL BF16 1,671, FP8 3,341 sparse
+    (r"\bH100 PCIe\b", 756.5, 1513.0, "NVIDIA H100 PCIe"),  # NVIDIA H100 datasheet: PCIe BF16 1,513, FP8 3,026 sparse
+    (r"\bH100\b(?! NVL| PCIe)", 989.5, 1979.0, "NVIDIA H100 80GB HBM3"),  # H100 datasheet: SXM BF16 1,979, FP8 3,958
+    (r"\bH800 PCIe\b", 756.5, 1513.0, "NVIDIA H800 PCIe"),  # NVIDIA H800 datasheet: as H100 PCIe
+    (r"\bH800\b(?! PCIe)", 989.5, 1979.0, "NVIDIA H800"),  # NVIDIA H800 datasheet: SXM BF16 1,979, FP8 3,958 sparse
+    (r"\bH20\b", 148.0, 296.0, "NVIDIA H20"),  # NVIDIA H20 product brief: BF16 148, FP8 296 dense
+    (r"\bB200\b", 2250.0, 4500.0, "NVIDIA B200"),  # NVIDIA HGX B200 datasheet: per GPU BF16 4.5 PF, FP8 9 PF sparse
+    (r"\bGB200\b", 2500.0, 5000.0, "NVIDIA GB200"),  # NVIDIA GB200 NVL72 datasheet: per GPU BF16 5, FP8 10 PF sparse
+    (r"\bA100\b", 312.0, None, "NVIDIA A100-SXM4-80GB"),  # NVIDIA A100 datasheet: BF16 312 dense (SXM and PCIe)
+    (r"\bA800\b", 312.0, None, "NVIDIA A800-SXM4-80GB"),  # NVIDIA A800 datasheet: BF16 312 dense
+    (r"\bA10\b", 125.0, None, "NVIDIA A10"),  # NVIDIA A10 datasheet: BF16 125 dense
+    (r"\bL40S\b", 362.05, 733.0, "NVIDIA L40S"),  # NVIDIA L40S datasheet: BF16 362.05 dense, FP8 1,466 sparse
+    (r"\bL40\b", 181.05, 362.0, "NVIDIA L40"),  # NVIDIA L40 datasheet: BF16 362.1, FP8 724 sparse
+    (r"\bL4\b", 121.0, 242.5, "NVIDIA L4"),  # NVIDIA L4 datasheet: BF16 242, FP8 485 sparse
+    (r"\bRTX A6000\b", 154.8, None, "NVIDIA RTX A6000"),  # NVIDIA RTX A6000 datasheet: tensor 309.7 sparse
+    (r"\bRTX 6000 Ada\b", 364.2, 728.5, "NVIDIA RTX 6000 Ada Generation"),  # RTX 6000 Ada datasheet: FP8 1,457 sparse
+    (r"\bRTX 4090\b", 165.2, 330.3, "NVIDIA GeForce RTX 4090"),  # Ada whitepaper, appendix: FP32 accumulate, dense
+    (r"\bMI300X\b", 1307.4, 2614.9, "AMD Instinct MI300X"),  # AMD Instinct MI300X datasheet: dense BF16, FP8
+    (r"\bMI325X\b", 1307.4, 2614.9, "AMD Instinct MI325X"),  # AMD Instinct MI325X datasheet: dense BF16, FP8
 ]
-UNPUBLISHED = ("A10G",)  # AWS's A10 variant: NVIDIA publishes no datasheet for it, so we do not guess
+# Not listed, so no MFU rather than a guess: the A10G (AWS's A10 variant; NVIDIA publishes no datasheet for it).
 
 
-def peak_tflops(device_name: str, override: float | None = None) -> float | None:
-    """Peak dense 16-bit TFLOP/s of a device, from `override`, $PEAK_TFLOPS, or the table; None if unknown."""
-    override = override or float(os.environ.get("PEAK_TFLOPS", 0)) or None
+def peak_tflops(device_name: str, override: float | None = None, fp8: bool = False) -> float | None:
+    """Peak dense TFLOP/s of a device, bf16 (or FP8), from `override`, $PEAK_TFLOPS (bf16 only), or the table; None
+    if unknown."""
+    override = override or (None if fp8 else float(os.environ.get("PEAK_TFLOPS", 0)) or None)
     if override:
         return override
-    if any(name in device_name for name in UNPUBLISHED):
-        return None
-    return next((peak for name, peak in PEAK_TFLOPS_16BIT if name in device_name), None)
+    row = next((row for row in PEAK_TFLOPS if re.search(row[0], device_name)), None)
+    return None if row is None else row[2 if fp8 else 1]
 
 
 class TFLOPSCallback(TrainerCallback):
     """Logs, at every logging step and at the end of training (keys gain W&B's `train/` prefix):
 
     - `achieved_tflops`, `time_in_train_steps`: the tutorial's metric, `total_flos` over the summed step time;
-    - `model_tflops` and `mfu`, `hardware_tflops` and `hfu`: `flops_per_token` applied to the tokens actually
-      trained (padding excluded; attention charged by each sequence's own length), over the time in steps after
-      the first `warmup_steps` (allocator warm-up and compilation are reported alone, as `warmup_seconds`);
-    - `tokens_per_second`, `samples_per_second`, `peak_memory_gib`, and `outside_steps_share`: the share of the
-      measured wall time spent between steps (data loading, evaluation, saving).
+    - `model_tflops` and `mfu`, `hardware_tflops` and `hfu`: `flops_per_token` applied to the tokens processed
+      (padding excluded; attention charged by each example's own length, packed examples apart), over the time in
+      steps after the first `warmup_steps` (allocator warm-up and compilation are reported alone, as
+      `warmup_seconds`). MFU is against the dense bf16 peak, whatever the matmuls ran in (FP8 included);
+    - `tokens_per_second`: every non-padding token the model processed, prompt tokens included when the loss is
+      on completions only (their FLOPs are spent all the same); `samples_per_second` (examples);
+      `peak_memory_gib`; `outside_steps_share`, the share of the measured wall time spent between steps (data
+      loading, evaluation, saving); `measured_steps` and `step_time_spread` (slowest over fastest step, minus 1),
+      which say how far the rates can be trusted.
     Step boundaries are CUDA-synchronised, so queued GPU work is charged to the step that queued it. Under several
     processes the per-GPU values are for one GPU and `world_*` are the totals. MFU needs the device's peak:
     from `peak_tflops`, $PEAK_TFLOPS or the table above; on an unknown GPU or the CPU it is left out.
@@ -173,7 +190,8 @@ class TFLOPSCallback(TrainerCallback):
         self.model_coefficients = (at_zero.model, at_one.model - at_zero.model)
         self.hardware_coefficients = (at_zero.hardware, at_one.hardware - at_zero.hardware)
         self.device = next(model.parameters()).device
-        self.counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # tokens, sum of n^2, sequences
+        self.counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # tokens, sum of n^2, examples
+        self.flos_at_start = state.total_flos  # a resumed run's total_flos includes the steps before it
         self.hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         self.cuda = self.device.type == "cuda"
         name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
@@ -191,10 +209,14 @@ class TFLOPSCallback(TrainerCallback):
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        # Tensors only: a .item() here would stall the GPU pipeline on every micro-batch.
-        lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
-        lengths = lengths.to(self.counts)
-        self.counts += torch.stack([lengths.sum(), (lengths**2).sum(), torch.ones_like(lengths).sum()])
+        positions = kwargs.get("position_ids")  # packed examples: restart at 0 at every example
+        valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        if positions is None:
+            positions = valid.cumsum(dim=1) - 1
+        # Tensors only: a .item() here would stall the GPU pipeline on every micro-batch. An example of n tokens
+        # attends over sum(2p + 1 for p < n) = n^2 positions, so causal attention is charged per example.
+        self.counts += torch.stack([valid.sum(), ((2 * positions + 1) * valid).sum(),
+                                    ((positions == 0) & valid).sum()]).to(self.counts)
 
     # -- timing: synchronised step boundaries -------------------------------------------------------------------
     def _now(self) -> float:
@@ -217,11 +239,12 @@ class TFLOPSCallback(TrainerCallback):
     def metrics(self, state) -> dict[str, float]:
         in_steps = sum(self.step_times)
         values = {"time_in_train_steps": in_steps,
-                  "achieved_tflops": state.total_flos / in_steps / 1e12 if in_steps else 0.0,
+                  "achieved_tflops": (state.total_flos - self.flos_at_start) / in_steps / 1e12 if in_steps else 0.0,
                   "warmup_seconds": sum(self.step_times[: self.warmup_steps])}
         measured = self.step_times[self.warmup_steps :]
         if not measured:
             return values
+        values.update(measured_steps=len(measured), step_time_spread=max(measured) / min(measured) - 1)
         seconds = sum(measured)
         tokens, squares, sequences = (self.counts - (self.measured_from if self.warmup_steps else 0)).tolist()
         model_flops = self.model_coefficients[0] * tokens + self.model_coefficients[1] * squares

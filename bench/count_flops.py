@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPTBigCodeForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.starcoder_shapes import starcoder_config  # noqa: E402
+from finetune.architecture import starcoder_config  # noqa: E402
 from flops_counter import flops_per_token  # noqa: E402
 
 

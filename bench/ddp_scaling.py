@@ -15,7 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.recipes import add_run_arguments, environment, run_recipe, write_json  # noqa: E402
+from bench.recipes import add_run_arguments, run_recipe, write_json  # noqa: E402
+from finetune import manifest  # noqa: E402
 
 
 def run(recipe: str, gpus: int, options) -> dict:
@@ -29,7 +30,7 @@ def run(recipe: str, gpus: int, options) -> dict:
 
 
 def main(options) -> list[dict]:
-    header = environment()
+    header = manifest.provenance()
     print(json.dumps(header))
     results = []
     for recipe in options.recipes.split(","):
@@ -41,7 +42,7 @@ def main(options) -> list[dict]:
                 row["efficiency"] = row["world_tokens_per_second"] / (gpus * single) if single else None
             results.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{header['gpu']} x{header['gpu_count']}, StarCoder-{options.size} random weights, {header['date']}")
+    print(f"\n{header['device']} x{header['gpu_count']}, StarCoder-{options.size} random weights, {header['date']}")
     print(f"{'recipe':10s} {'GPUs':>4s} {'batch/GPU':>9s} {'tokens/s/GPU':>12s} {'world tokens/s':>14s} {'MFU':>6s} "
           f"{'peak GiB':>8s} {'efficiency':>10s}")
     for row in results:

@@ -93,7 +93,9 @@ def stdlib_dataset_file() -> Path:
 def _write_tiny_starcoder(directory: Path) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPTBigCodeForCausalLM, PreTrainedTokenizerFast
+
+    from .architecture import starcoder_config
 
     # A byte-level BPE like StarCoder's, trained on the embedded corpus so code tokenizes into sensible pieces.
     texts = [json.loads(line) for line in open(stdlib_dataset_file(), encoding="utf-8")]
@@ -109,13 +111,8 @@ def _write_tiny_starcoder(directory: Path) -> None:
                                         additional_special_tokens=STARCODER_SPECIAL_TOKENS[1:])
     tokenizer.save_pretrained(directory)
 
-    # StarCoder's architecture (bigcode/starcoder config.json) at toy width: multi-query attention,
-    # gelu_pytorch_tanh, learned absolute positions, tied embeddings.
-    config = GPTBigCodeConfig(
-        vocab_size=len(tokenizer), n_positions=1024, n_embd=128, n_layer=4, n_head=4, n_inner=512,
-        multi_query=True, activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-5,
-        bos_token_id=0, eos_token_id=0, attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1,
-    )
+    # StarCoder's architecture at toy width, with this tokenizer's vocabulary and 1,024 positions.
+    config = starcoder_config("tiny", vocab_size=len(tokenizer), n_positions=1024)
     torch.manual_seed(0)
     GPTBigCodeForCausalLM(config).save_pretrained(directory)
 

@@ -5,7 +5,7 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from .data import IGNORE_INDEX, collator
+from .data import IGNORE_INDEX, Collator
 
 
 @torch.no_grad()
@@ -14,7 +14,7 @@ def held_out_loss(model, eval_set, tokenizer, batch_size: int) -> float:
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for batch in DataLoader(eval_set, batch_size=batch_size, collate_fn=collator(tokenizer)):
+    for batch in DataLoader(eval_set, batch_size=batch_size, collate_fn=Collator(tokenizer)):
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]

@@ -5,10 +5,13 @@ import importlib.metadata
 import json
 import platform
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 
+from .checkpointing import write_atomically
 from .secrets import redact
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "wandb")
@@ -30,14 +33,22 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def write(output_dir: str, arguments: list, metrics: dict) -> Path:
-    manifest = {
-        "arguments": {type(a).__name__: dataclasses.asdict(a) for a in arguments},
+def provenance() -> dict:
+    """Where a figure came from: library versions, git commit, device, date and command line. The benches write it
+    beside their results, the training scripts into manifest.json."""
+    return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "git_commit": _git_commit(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
-        "metrics": metrics,
+        "gpu_count": torch.cuda.device_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
     }
+
+
+def write(output_dir: str, arguments: list, metrics: dict) -> Path:
+    manifest = {"arguments": {type(a).__name__: dataclasses.asdict(a) for a in arguments}, **provenance(),
+                "metrics": metrics}
     path = Path(output_dir) / "manifest.json"
-    path.write_text(json.dumps(redact(manifest), indent=1, default=str))
+    write_atomically(path, json.dumps(redact(manifest), indent=1, default=str))
     return path

@@ -1,48 +1,62 @@
-"""Model: the tokenizer, the quantized base on the right device, and the LoRA adapter on top."""
+"""Model: the tokenizer, the two configurations of Part 1 (quantization and LoRA), the quantized base on the right
+device, and the adapter on top."""
 
+import json
 import os
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-from . import embedded
-from .cli import UsageError
+from . import embedded, fp8
+from .errors import UsageError, first_line
 
 # The tutorial's `q_attn` exists only for GPTBigCode cross-attention, so it matches nothing in StarCoder.
 DEFAULT_LORA_TARGETS = {"gpt_bigcode": ["c_attn", "c_proj"]}
+# What from_pretrained raises for a path that is not a model, a missing or gated Hub id, or a damaged file.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 def resolve(model: str) -> str:
     return str(embedded.tiny_starcoder_path()) if model == embedded.TINY_MODEL else model
 
 
-def _not_found(model: str, error: Exception) -> UsageError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return UsageError(f"could not load model {model!r}: {reason}. Check the hub id or path; for a gated model "
-                      f"(bigcode/starcoder is one) accept its licence and set HF_TOKEN; offline, use a local path "
-                      f"or `tiny-starcoder`.")
+def _not_loadable(model: str, error: Exception) -> UsageError:
+    return UsageError(f"could not load model {model!r}: {first_line(error)[:300]}. Check the hub id or path; for a "
+                      f"gated model (bigcode/starcoder is one) accept its licence and set HF_TOKEN; offline, use a "
+                      f"local path or `tiny-starcoder`.")
 
 
 def load_tokenizer(model: str, token: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve(model), token=token)
-    except (OSError, ValueError) as error:
-        raise _not_found(model, error) from None
+    except LOAD_ERRORS as error:
+        raise _not_loadable(model, error) from None
     if tokenizer.pad_token is None:  # StarCoder has none; labels mask padding, so reusing EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def check_sequence_length(model: str, seq_length: int, token: str | None = None) -> None:
-    """A sequence longer than the model's learned positions would index past its position table."""
-    config = AutoConfig.from_pretrained(resolve(model), token=token)
+def check_model(model: str, seq_length: int, token: str | None = None):
+    """Before anything loads, from its config (returned): the model is a causal (decoder) language model, and
+    `seq_length` fits its learned positions (a longer sequence would index past its position table)."""
+    try:
+        config = AutoConfig.from_pretrained(resolve(model), token=token)
+    except LOAD_ERRORS as error:
+        raise _not_loadable(model, error) from None
+    architectures = config.architectures or []
+    if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        raise UsageError(f"model {model!r} is a {', '.join(architectures)}, not a causal language model; LoRA "
+                         f"fine-tuning here needs one (StarCoder's is GPTBigCodeForCausalLM)")
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and seq_length > limit:
         raise UsageError(f"--seq_length {seq_length} is above {model!r}'s maximum of {limit} positions")
+    return config
 
 
 def compute_dtype(requested: str = "auto") -> torch.dtype:
@@ -56,22 +70,38 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if quantization != "none":
-        try:
-            import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)
-        except ImportError as error:
-            raise UsageError(f"--quantization {quantization} needs bitsandbytes, which cannot run here ({error}); "
-                             f"install it, or use --quantization none") from None
-    if quantization == "4bit":  # QLoRA (Dettmers et al. 2023): NF4 storage, double quantization, 16-bit compute
-        # Under FSDP the packed 4-bit weights are stored as the compute dtype, since FSDP flattens each wrapped
-        # module's parameters into one tensor of one dtype (peft's FSDP-QLoRA guide).
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype,
-                                  bnb_4bit_quant_storage=dtype if fsdp_enabled() else torch.uint8)
-    if quantization == "8bit":  # LLM.int8 (Dettmers et al. 2022), the tutorial's choice
+def quantization_config(kind: str, compute_dtype: torch.dtype, quant_type: str = "nf4",
+                        double_quant: bool = True) -> BitsAndBytesConfig | None:
+    """How the frozen base is stored. `4bit`: QLoRA (Dettmers et al. 2023), `quant_type` NF4 storage, with
+    `double_quant` (its block scales quantized again, ~0.4 bits a weight saved), matmuls in `compute_dtype`. `8bit`:
+    LLM.int8 (Dettmers et al. 2022), the tutorial's. `fp8` and `none` load a 16-bit base: fp8 converts it after LoRA
+    is added (finetune/fp8.py)."""
+    if kind == "fp8" and fp8.unsupported_reason():
+        raise UsageError(f"--quantization fp8 needs FP8 tensor cores: {fp8.unsupported_reason()}; use --quantization "
+                         f"4bit or none")
+    if kind in ("fp8", "none"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)
+    except ImportError as error:
+        raise UsageError(f"--quantization {kind} needs bitsandbytes, which cannot run here ({error}); install it, "
+                         f"or use --quantization none") from None
+    if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    # Under FSDP the packed 4-bit weights are stored as the compute dtype, since FSDP flattens each wrapped module's
+    # parameters into one tensor of one dtype (peft's FSDP-QLoRA guide).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype if fsdp_enabled() else torch.uint8)
+
+
+def lora_config(r: int, alpha: int, dropout: float, targets: str) -> LoraConfig:
+    """LoRA (Hu et al. 2021): each adapted layer W gains (alpha / r) B A, A of shape r x in (random), B of shape
+    out x r (zeros, so training starts from the base model); only A and B train, no bias. `targets`: comma-separated
+    layer names, or "" for the architecture's defaults (filled in by the pipeline once it knows the model)."""
+    names = [name.strip() for name in targets.split(",") if name.strip()]
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names or None, bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def fsdp_enabled() -> bool:
@@ -92,20 +122,21 @@ def device() -> torch.device:
     return gpu
 
 
-def load_model(model: str | None, quantization: str, dtype: torch.dtype | None = None,
+def load_model(model: str | None, quantization: BitsAndBytesConfig | None, dtype: torch.dtype,
                model_class=AutoModelForCausalLM, **from_pretrained_kwargs):
-    """The base model, quantized as asked, on this process's device, in `dtype` (default: compute_dtype()). The
-    benches build a model from in-memory weights through the same path: `model=None`, the architecture's class,
-    and `config=` and `state_dict=`."""
-    dtype = dtype or compute_dtype()
+    """The base model, quantized as `quantization` says, on this process's device, in `dtype`, for training (no
+    key/value cache). The benches build a model from in-memory weights through the same path: `model=None`, the
+    architecture's class, and `config=` and `state_dict=`."""
     placement = device()
     try:
         loaded = model_class.from_pretrained(
             resolve(model) if model else None, dtype=dtype,
             device_map=None if fsdp_enabled() else {"": placement},  # FSDP places the shards itself
-            quantization_config=quantization_config(quantization, dtype), **from_pretrained_kwargs)
-    except (OSError, ValueError) as error:
-        raise _not_found(model, error) from None
+            quantization_config=quantization, **from_pretrained_kwargs)
+    except LOAD_ERRORS as error:
+        raise _not_loadable(model, error) from None
+    # A training forward needs no cache, and with one transformers would not see packed examples' boundaries.
+    loaded.config.use_cache = False
     for module in loaded.modules():
         # bitsandbytes 0.50 repacks a CPU Linear4bit's weight for AVX512-BF16 at its first inference forward, and
         # a training forward after that (training resumed after an evaluation) fails in an in-place bias add.
@@ -114,40 +145,69 @@ def load_model(model: str | None, quantization: str, dtype: torch.dtype | None =
     return loaded
 
 
-def linear_layer_names(model) -> list[str]:
-    """Distinct names (last path component) of the model's linear layers, bitsandbytes layers and GPT-2's Conv1D
-    included: the names LoRA can target."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+def load_quantized(model: str, kind: str):
+    """A base model with `kind`'s quantization (4bit, 8bit or none) in the compute dtype: how generate.py loads it."""
+    dtype = compute_dtype()
+    return load_model(model, quantization_config(kind, dtype), dtype)
+
+
+def linear_layer_names(config) -> list[str]:
+    """Distinct names (last path component) of the linear layers of a model with this config, GPT-2's Conv1D
+    included: the names LoRA can target. Read from a skeleton on the meta device, so nothing is loaded."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
                    if isinstance(module, (torch.nn.Linear, Conv1D))})
 
 
-def lora_targets(model, requested: str) -> list[str]:
-    available = linear_layer_names(model)
+def lora_targets(config, requested) -> list[str]:
+    """The layer names to adapt: those asked for (each must exist), or by default the architecture's."""
+    available = linear_layer_names(config)
     if requested:
-        targets = [name.strip() for name in requested.split(",") if name.strip()]
-    else:
-        model_type = model.config.model_type
-        targets = DEFAULT_LORA_TARGETS.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
-            model_type, [])
+        unknown = sorted(set(requested) - set(available))
+        if unknown:
+            raise UsageError(f"LoRA targets {unknown} match no layer of this model; its linear layers are "
+                             f"{available} (pass them with --lora_target_modules)")
+        return sorted(requested)
+    targets = DEFAULT_LORA_TARGETS.get(config.model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+        config.model_type, [])
     if not set(targets) & set(available):
-        raise UsageError(f"LoRA targets {targets} match no layer of this model; its linear layers are {available} "
+        raise UsageError(f"no default LoRA targets for {config.model_type!r}; its linear layers are {available} "
                          f"(pass them with --lora_target_modules)")
-    return targets
+    return list(targets)
 
 
-def add_lora(model, args):
-    """Freeze the base and wrap it with a trainable LoRA adapter, as `args` (TrainArguments) say.
+def add_lora(model, config: LoraConfig, fp32_upcast: bool = False, gradient_checkpointing: bool = False,
+             fp32_adapter: bool = False):
+    """Freeze the base and wrap it with a trainable LoRA adapter.
 
     `fp32_upcast`: peft's prepare_model_for_kbit_training, which keeps fp32 copies of every non-quantized weight
     (norms, embeddings, the tied LM head); each forward then casts them back to 16 bits. `fp32_adapter`: LoRA
     weights in fp32 (peft's default) rather than the model's dtype; fp16 needs them, for its loss scaler.
     """
-    targets = lora_targets(model, args.lora_target_modules)
-    if args.quantization != "none" and args.fp32_upcast:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # non-reentrant (transformers' default): frozen inputs are fine
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    fp32_adapter = args.fp32_adapter or model.dtype == torch.float16
-    return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter)
+    with warnings.catch_warnings():
+        # peft 0.21 reads `is_gradient_checkpointing`, which transformers 5.2x deprecated: not ours to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if getattr(model, "hf_quantizer", None) is not None and fp32_upcast:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            # non-reentrant (transformers' default): frozen inputs are fine. Renamed in transformers 5.2x.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter or model.dtype == torch.float16)
+
+
+def adapter_base(adapter: str) -> str:
+    """The base model an adapter directory was trained on, from its adapter_config.json."""
+    path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"{adapter!r} holds no adapter (adapter_config.json); point --adapter at a training output "
+                         f"directory")
+    try:
+        base = json.load(open(path)).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as error:
+        raise UsageError(f"{path} is not a valid adapter config ({first_line(error)}); retrain, or restore it") \
+            from None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{path} names no base model; give one with --model")
+    return base

@@ -1,5 +1,6 @@
 """Secrets (Hub tokens, W&B keys) kept out of everything a run writes or prints."""
 
+import dataclasses
 import os
 import re
 import sys
@@ -28,16 +29,21 @@ def redact(value, name: str = ""):
     return SECRET_VALUE.sub("***", value)
 
 
-def scrub_argv() -> None:
-    """Replace secret values on this process's command line, which W&B records with every run (the OS's own
-    view of the command line cannot be changed from inside; prefer $HF_TOKEN to --hf_token)."""
+def scrub_argv(arguments=()) -> None:
+    """Replace secret values on this process's command line, which W&B records with every run: values of secret-named
+    flags, the parsed values of the argument dataclasses' secret fields (however the flag was spelled), and anything
+    `redact` catches. The OS's own view of the command line cannot be changed from inside: prefer $HF_TOKEN to
+    --hf_token."""
+    parsed = [getattr(a, f.name) for a in arguments for f in dataclasses.fields(a)
+              if SECRET_NAME.search(f.name) and isinstance(getattr(a, f.name), str) and getattr(a, f.name)]
     argv = sys.argv
     for index, argument in enumerate(argv):
+        for value in parsed:
+            argument = argument.replace(value, "***")
         flag, _, value = argument.partition("=")
         if flag.startswith("--") and SECRET_NAME.search(flag):
             if value:
-                argv[index] = f"{flag}=***"
+                argument = f"{flag}=***"
             elif index + 1 < len(argv):
                 argv[index + 1] = "***"
-        else:
-            argv[index] = redact(argument)
+        argv[index] = redact(argument)

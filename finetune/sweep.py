@@ -1,29 +1,102 @@
 """The speed-up study: run configurations one per subprocess, and gather their results into tables, plots and advice.
 
-A single run writes `result.json` in its output directory. A sweep runs each configuration as a subprocess of the
-speed-ups script, writing a failure (`oom` or `error` with its first line) where the child could not, and then
-merges its own directory; `--merge_results` merges directories written by separate jobs the same way.
+A single run of the speed-ups script writes `result.json` in its output directory. A sweep runs each configuration
+as a subprocess of that script (an out-of-memory error or a crash is recorded as `oom` or `error` with its line, and
+the sweep goes on), shows each one's progress, forwards SIGTERM/SIGINT to the running child (which checkpoints and
+stops as a single run does), and merges its own directory; `--merge_results` merges directories written by
+separate jobs the same way.
 """
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import os
-import re
+import signal
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import secrets, training
-from .cli import UsageError
+from . import secrets, tracking
+from .checkpointing import write_atomically
+from .errors import Stopped, UsageError, child_failure
 
 AXES = ["batch_size", "num_workers", "pin_memory", "packing", "gradient_checkpointing"]
-METRICS = ["tokens_per_second", "samples_per_second", "model_tflops", "mfu", "peak_memory_gib"]
+METRICS = ["tokens_per_second", "samples_per_second", "model_tflops", "mfu", "peak_memory_gib", "measured_steps",
+           "step_time_spread"]
 COLUMNS = ["name", *AXES, "status", "error", *METRICS]
 RESULT = "result.json"
 AUTO_MAX_BATCH = 1024
 AUTO_MIN_GAIN = 1.03  # doubling the batch must buy 3% more tokens/s to keep going
+STABLE_STEPS, STABLE_SPREAD = 5, 0.10  # below 5 measured steps, or steps 10% apart, a figure is not to be trusted
+
+
+def _parse_list(name: str, text: str, parse) -> list:
+    values = []
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        try:
+            values.append(parse(part))
+        except ValueError:
+            raise UsageError(f"--{name} {text!r}: {part!r} is not a valid value") from None
+    return values
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(text)
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _boolean(text: str) -> bool:
+    choices = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in choices:
+        raise ValueError(text)
+    return choices[text.lower()]
+
+
+@dataclass
+class SweepArguments:
+    _argument_group_name = "sweep (Part 4: the study)"
+
+    sweep_batch_sizes: str = field(default="", metadata={
+        "help": "Comma-separated batch sizes, or `auto` (double from 1 until OOM or no gain)."})
+    sweep_num_workers: str = field(default="", metadata={"help": "Comma-separated worker counts."})
+    sweep_pin_memory: str = field(default="", metadata={"help": "e.g. `true,false`."})
+    sweep_packing: str = field(default="", metadata={"help": "e.g. `false,true`."})
+    sweep_gradient_checkpointing: str = field(default="", metadata={"help": "e.g. `false,true`."})
+    sweep_index: int = field(default=-1, metadata={
+        "help": "Run only configuration N of a listed sweep, then merge the results present (a Kubernetes "
+                "Indexed Job passes its completion index; see k8s/)."})
+    merge_results: list[str] = field(default_factory=list, metadata={
+        "help": "Merge the result.json files in these directories (and one level below) into --output_dir."})
+
+    def __post_init__(self):
+        self.auto = self.sweep_batch_sizes.strip() == "auto"
+        self.batch_sizes = [] if self.auto else _parse_list("sweep_batch_sizes", self.sweep_batch_sizes,
+                                                             _positive_int)
+        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _count)
+        self.pin_memory_choices = _parse_list("sweep_pin_memory", self.sweep_pin_memory, _boolean)
+        self.packing_choices = _parse_list("sweep_packing", self.sweep_packing, _boolean)
+        self.checkpointing_choices = _parse_list("sweep_gradient_checkpointing", self.sweep_gradient_checkpointing,
+                                                 _boolean)
+        if self.sweep_index < -1:
+            raise UsageError(f"--sweep_index must be 0 or more (or -1 for the whole sweep), got {self.sweep_index}")
+        if self.auto and self.sweep_index >= 0:
+            raise UsageError("--sweep_batch_sizes auto runs sequentially; list the batch sizes to use --sweep_index")
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.merge_results or self.auto or self.batch_sizes or self.worker_counts
+                    or self.pin_memory_choices or self.packing_choices or self.checkpointing_choices)
 
 
 def config_name(config: dict) -> str:
@@ -35,18 +108,18 @@ def write_result(directory: str, config: dict, status: str, metrics: dict | None
     row = {"name": config_name(config), **config, "status": status, "error": error,
            **{key: (metrics or {}).get(key) for key in METRICS}}
     Path(directory).mkdir(parents=True, exist_ok=True)
-    with open(os.path.join(directory, RESULT), "w") as f:
-        json.dump(row, f, indent=1)
+    write_atomically(Path(directory) / RESULT, json.dumps(row, indent=1))
     return row
 
 
-def _first_error_line(stderr: str) -> str:
-    """The exception's message from a child's stderr: our `error: ...` line, or the traceback's last line."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("error: ") or re.match(r"^[\w.]+(Error|Exception)\b", line):
-            return line[:300]
-    return lines[-1][:300] if lines else "no output"
+def record_run(directory: str, args, speed, summary: dict, warmup_steps: int) -> dict:
+    """A single run's result.json: its configuration and the TFLOPS callback's summary."""
+    config = dict(batch_size=args.batch_size, num_workers=speed.num_workers, pin_memory=speed.pin_memory,
+                  packing=args.packing, gradient_checkpointing=args.gradient_checkpointing)
+    if "tokens_per_second" not in summary:  # every step was a warm-up step
+        return write_result(directory, config, "error", error=f"no step measured after the {warmup_steps} warm-up "
+                                                              f"steps; raise --max_train_steps")
+    return write_result(directory, config, "ok", summary)
 
 
 def _as_flags(*dataclass_values) -> list[str]:
@@ -54,77 +127,114 @@ def _as_flags(*dataclass_values) -> list[str]:
     for value in dataclass_values:
         for item in dataclasses.fields(value):
             setting = getattr(value, item.name)
-            if item.name.startswith("sweep_") or item.name == "merge_results":  # the child runs one configuration
-                continue
-            if secrets.SECRET_NAME.search(item.name):  # passed in the environment, not on a command line
+            # secrets travel in the environment, not on a command line; None means the child's own default
+            if setting is None or secrets.SECRET_NAME.search(item.name):
                 continue
             flags += [f"--{item.name}", str(setting)]
     return flags
 
 
-def run_configuration(script: str, args, speed, config: dict, sweep_dir: str) -> dict:
-    """Train one configuration in a fresh process, so an OOM or crash is contained and no memory carries over."""
+def _stability_warning(row: dict) -> str | None:
+    if row["status"] != "ok":
+        return None
+    if row["measured_steps"] < STABLE_STEPS:
+        why = f"only {row['measured_steps']} measured step(s)"
+    elif row["step_time_spread"] > STABLE_SPREAD:
+        why = f"its step times vary by {row['step_time_spread']:.0%}"
+    else:
+        return None
+    return (f"warning: {row['name']}: {why}, so its tokens/s is not a stable figure; raise --max_train_steps "
+            f"(at least {STABLE_STEPS} steps after the warm-up)")
+
+
+def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, label: str) -> dict:
+    """Train one configuration in a fresh process (an OOM or crash is contained, no memory carries over), echoing its
+    log lines; a SIGTERM/SIGINT to this process is passed on to it."""
     directory = os.path.join(sweep_dir, config_name(config))
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
                                      gradient_checkpointing=config["gradient_checkpointing"],
-                                     packing=config["packing"], recipe="", overwrite_output_dir=True,  # measure anew
+                                     packing=config["packing"], recipe=None, overwrite_output_dir=True,  # measure anew
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
     child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"])
-    command = [sys.executable, script, *_as_flags(child_args, child_speed)]
-    print(f"[sweep] {config_name(config)}", flush=True)
+    print(f"[sweep {label}] {config_name(config)}", flush=True)
     env = dict(os.environ, **({"HF_TOKEN": args.hf_token} if args.hf_token else {}))
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    if done.returncode == 0 and os.path.exists(os.path.join(directory, RESULT)):
-        return json.load(open(os.path.join(directory, RESULT)))
-    message = _first_error_line(done.stderr)
-    out_of_memory = re.search(r"out of memory|OutOfMemoryError", done.stderr, re.IGNORECASE)
-    return write_result(directory, config, "oom" if out_of_memory else "error", error=message)
+    with tempfile.TemporaryFile("w+") as stderr:
+        # Its own session: a terminal's Ctrl-C reaches only this process, which passes it on once.
+        child = subprocess.Popen([sys.executable, script, *_as_flags(child_args, child_speed)], env=env,
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        forward = lambda number, frame: child.send_signal(number)  # noqa: E731
+        previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for line in child.stdout:
+                if line.startswith(("step ", "warning:")):
+                    print(f"[sweep {label}] {line.rstrip()}", flush=True)
+            child.wait()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        stderr.seek(0)
+        errors = stderr.read()
+    if child.returncode == 0 and os.path.exists(os.path.join(directory, RESULT)):
+        row = json.load(open(os.path.join(directory, RESULT)))
+        warning = _stability_warning(row)
+        if warning:
+            print(f"[sweep {label}] {warning}", flush=True)
+        return row
+    if child.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        write_result(directory, config, "stopped", error=f"stopped by signal {child.returncode - 128}")
+        raise Stopped(f"sweep stopped during {config_name(config)} (recorded as stopped); rerun the command to "
+                      f"measure the configurations not yet done", child.returncode)
+    status, message = child_failure(errors)
+    return write_result(directory, config, status, error=message)
 
 
-def _values(text: str, default, parse=int) -> list:
-    return [parse(part.strip()) for part in text.split(",") if part.strip()] if text else [default]
-
-
-def _boolean(text: str) -> bool:
-    return text.lower() in {"1", "true", "yes", "on"}
-
-
-def configurations(args, speed) -> list[dict]:
-    """Every configuration of a sweep with listed batch sizes, in a fixed order (an Indexed Job's index picks one)."""
+def configurations(args, speed, sweeping: SweepArguments, batch_sizes: list[int] | None = None) -> list[dict]:
+    """Every configuration of a sweep, in a fixed order (an Indexed Job's index picks one)."""
     return [dict(batch_size=batch, num_workers=workers, pin_memory=pin, packing=packing,
                  gradient_checkpointing=checkpointing)
             for workers, pin, packing, checkpointing in itertools.product(
-                _values(speed.sweep_num_workers, speed.num_workers),
-                _values(speed.sweep_pin_memory, speed.pin_memory, _boolean),
-                _values(speed.sweep_packing, args.packing, _boolean),
-                _values(speed.sweep_gradient_checkpointing, args.gradient_checkpointing, _boolean))
-            for batch in _values(speed.sweep_batch_sizes, args.batch_size)]
+                sweeping.worker_counts or [speed.num_workers], sweeping.pin_memory_choices or [speed.pin_memory],
+                sweeping.packing_choices or [args.packing],
+                sweeping.checkpointing_choices or [args.gradient_checkpointing])
+            for batch in (batch_sizes or sweeping.batch_sizes or [args.batch_size])]
 
 
-def run(script: str, args, speed) -> list[dict]:
+def run(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
     """Run the sweep's configurations (batch sizes listed, or `auto`: doubled from 1 until out of memory or until
     throughput stops improving; with `sweep_index`, only that one), then merge whatever results the output
     directory holds into tables, plots and a recommendation."""
-    if speed.sweep_batch_sizes.strip() != "auto":
-        todo = configurations(args, speed)
-        if speed.sweep_index >= 0:
-            if speed.sweep_index >= len(todo):
-                raise UsageError(f"--sweep_index {speed.sweep_index} is out of range: the sweep has {len(todo)} "
+    if not sweeping.auto:
+        todo = configurations(args, speed, sweeping)
+        if sweeping.sweep_index >= 0:
+            if sweeping.sweep_index >= len(todo):
+                raise UsageError(f"--sweep_index {sweeping.sweep_index} is out of range: the sweep has {len(todo)} "
                                  f"configurations")
-            todo = [todo[speed.sweep_index]]
-        for config in todo:
-            run_configuration(script, args, speed, config, args.output_dir)
-    elif speed.sweep_index >= 0:
-        raise UsageError("--sweep_batch_sizes auto runs sequentially; list the batch sizes to use --sweep_index")
+            todo = [todo[sweeping.sweep_index]]
+        for number, config in enumerate(todo, 1):
+            run_configuration(script, args, speed, config, args.output_dir, f"{number}/{len(todo)}")
     else:
-        for base in configurations(args, dataclasses.replace(speed, sweep_batch_sizes="1")):
+        for number, base in enumerate(configurations(args, speed, sweeping, batch_sizes=[1]), 1):
             previous = 0.0
             while base["batch_size"] <= AUTO_MAX_BATCH:
-                row = run_configuration(script, args, speed, base, args.output_dir)
+                row = run_configuration(script, args, speed, base, args.output_dir, f"auto {number}")
                 if row["status"] != "ok" or row["tokens_per_second"] < previous * AUTO_MIN_GAIN:
                     break
                 base, previous = dict(base, batch_size=base["batch_size"] * 2), row["tokens_per_second"]
     return merge([args.output_dir], args.output_dir, speed.memory_budget_gib)
+
+
+def main(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
+    """The study: merge separate jobs' results, or run the sweep (each child its own W&B run in the sweep's group,
+    plus a summary run with the table and plots)."""
+    if sweeping.merge_results:
+        return merge(sweeping.merge_results, args.output_dir, speed.memory_budget_gib)
+    tracking.configure(args)  # the children inherit these settings
+    os.environ.setdefault("WANDB_RUN_GROUP", os.path.basename(os.path.abspath(args.output_dir)))
+    os.environ["WANDB_JOB_TYPE"] = "sweep"
+    rows = run(script, args, speed, sweeping)
+    if args.report_to == "wandb":
+        log_summary_to_wandb(rows, args.output_dir)
+    return rows
 
 
 def collect(directories: list[str]) -> list[dict]:
@@ -188,11 +298,16 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
         axes.set_ylabel(title)
         axes.set_title(f"{title} vs batch size")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=7)
         path = os.path.join(out_dir, f"{metric}_vs_batch_size.png")
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=100)
         plt.close(figure)
+        temporary = f"{path}.{os.getpid()}.tmp"  # jobs merging at once each write whole files
+        Path(temporary).write_bytes(image.getvalue())
+        os.replace(temporary, path)
         paths.append(path)
     return paths
 
@@ -202,19 +317,18 @@ def merge(directories: list[str], out_dir: str, memory_budget_gib: float = 0.0) 
     the recommendation."""
     rows = collect(directories)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomically(Path(out_dir) / "results.json", json.dumps(rows, indent=1))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(Path(out_dir) / "results.csv", table.getvalue())
     plots = plot(rows, out_dir)
-    print(f"{'configuration':34s} {'status':6s} {'tokens/s':>9s} {'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    print(f"{'configuration':34s} {'status':7s} {'tokens/s':>9s} {'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'GiB':>6s}")
     for row in rows:
-        numbers = [row[key] for key in METRICS]
-        cells = ["" if value is None else f"{value:.3g}" for value in numbers]
-        print(f"{row['name']:34s} {row['status']:6s} {cells[0]:>9s} {cells[1]:>9s} {cells[2]:>8s} {cells[3]:>6s} "
+        cells = ["" if row[key] is None else f"{row[key]:.3g}" for key in METRICS[:5]]
+        print(f"{row['name']:34s} {row['status']:7s} {cells[0]:>9s} {cells[1]:>9s} {cells[2]:>8s} {cells[3]:>6s} "
               f"{cells[4]:>6s} {row['error'][:60]}")
     for line in recommend(rows, memory_budget_gib):
         print(line)
@@ -227,9 +341,9 @@ def log_summary_to_wandb(rows: list[dict], out_dir: str) -> None:
     table and the plots."""
     import wandb  # only when W&B is in use
 
-    run = wandb.init(name="summary", job_type="sweep-summary", group=os.environ.get("WANDB_RUN_GROUP"))
+    run = wandb.init(name="summary", job_type="sweep", tags=["summary"], group=os.environ.get("WANDB_RUN_GROUP"))
     table = wandb.Table(columns=COLUMNS, data=[[row[column] for column in COLUMNS] for row in rows])
     plots = sorted(Path(out_dir).glob("*_vs_batch_size.png"))
     images = {f"plots/{path.stem}": wandb.Image(str(path)) for path in plots}
     run.log({"results": table, **images})
-    training.end_wandb_run()
+    print(tracking.end_run(), flush=True)

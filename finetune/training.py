@@ -1,47 +1,15 @@
-"""Training: W&B set up to work offline by default, the Trainer with our defaults, and the end of a run."""
+"""Training: the Trainer with our defaults, the run itself, and what a finished run leaves behind."""
 
-import glob
-import netrc
 import os
-import random
-import string
-from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
-from . import checkpointing, evaluation, manifest
+from . import checkpointing, console, evaluation, humaneval, manifest, tracking
 from .cli import TrainArguments
-from .data import collator
+from .data import Collator
 from .modeling import compute_dtype
-
-
-def _wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def setup_wandb(args: TrainArguments) -> None:
-    """Point W&B at the output directory; without credentials (and no WANDB_MODE chosen), log offline so a run
-    never blocks on a login prompt or the network. The run id is kept in the output directory, so a resumed run
-    continues the same W&B run instead of starting a new one."""
-    if args.report_to != "wandb":
-        return
-    os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
-    os.environ.setdefault("WANDB_DIR", os.path.abspath(args.output_dir))
-    if "WANDB_MODE" not in os.environ and not _wandb_credentials():
-        os.environ["WANDB_MODE"] = "offline"
-    id_file = Path(args.output_dir) / "wandb_run_id"
-    if int(os.environ.get("RANK", 0)) == 0 and (args.overwrite_output_dir or not id_file.is_file()):
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text("".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8)))
-    if id_file.is_file():  # set, not setdefault: a sweep's children must not inherit the parent's run
-        os.environ["WANDB_RUN_ID"] = id_file.read_text().strip()
-        os.environ["WANDB_RESUME"] = "allow"
+from .pipeline import Prepared
 
 
 def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
@@ -51,13 +19,17 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         output_dir=checkpointing.staging(args.output_dir),  # CheckpointCallback commits each checkpoint from here
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_steps=args.max_train_steps,
         learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(10, args.max_train_steps // 10),
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
         eval_strategy="steps",
         eval_on_start=True,  # step 0: the base model's held-out loss (LoRA's B starts at zero)
         eval_steps=args.eval_steps,
+        prediction_loss_only=True,  # evaluation needs the loss only: no logits gathered
         save_strategy="steps",
         save_steps=args.eval_steps,  # keeping the newest two and the best: CheckpointCallback
         load_best_model_at_end=True,  # the adapter kept at the end is the one with the lowest eval loss
@@ -68,7 +40,7 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         report_to=[args.report_to] if args.report_to != "none" else "none",
         run_name=os.path.basename(os.path.abspath(args.output_dir)),
         seed=args.seed,
-        disable_tqdm=True,
+        disable_tqdm=True,  # console.ConsoleCallback shows progress and log lines instead
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step: skip DDP's extra graph walk
     )
@@ -83,30 +55,40 @@ def length_grouped(enabled: bool) -> dict:
     return {"group_by_length": enabled}
 
 
-def build_trainer(args: TrainArguments, model, tokenizer, train_set, eval_set, callbacks=(),
+def build_trainer(args: TrainArguments, run: Prepared, callbacks=(), more_arguments=(),
                   **training_overrides) -> Trainer:
-    """The Trainer, writing checkpoints into a staging area that CheckpointCallback commits atomically."""
-    setup_wandb(args)
-    trainer = Trainer(model=model, args=training_arguments(args, **training_overrides),
-                      train_dataset=train_set, eval_dataset=eval_set, data_collator=collator(tokenizer),
-                      processing_class=tokenizer)
+    """The Trainer, writing checkpoints into a staging area that CheckpointCallback commits atomically, printing
+    through ConsoleCallback, logging to a W&B run that holds all the arguments."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        checkpointing.start(args)
+    tracking.configure(args)
+    tracking.start_run(args, *more_arguments)
+    trainer = Trainer(model=run.model, args=training_arguments(args, **training_overrides),
+                      train_dataset=run.train_set, eval_dataset=run.eval_set,
+                      data_collator=Collator(run.tokenizer), processing_class=run.tokenizer)
+    trainer.remove_callback(PrinterCallback)
     # Our callbacks go first: metrics they add to the logs in on_log then reach the console and W&B, whose
     # callbacks the Trainer registered before any passed in.
-    checkpoints = checkpointing.CheckpointCallback(args.output_dir, grace_period=args.grace_period_seconds)
+    checkpoints = checkpointing.CheckpointCallback(args.output_dir, run.run_config,
+                                                   grace_period=args.grace_period_seconds)
     trainer.callback_handler.callbacks[:0] = [*callbacks, checkpoints]
+    trainer.add_callback(console.ConsoleCallback())
     return trainer
 
 
-def train(trainer: Trainer, args: TrainArguments, resume_from: str | None) -> None:
-    """Train from scratch or from `resume_from`; a SIGTERM/SIGINT ends here, after its checkpoint, as Stopped."""
+def train(trainer: Trainer, args: TrainArguments, run: Prepared) -> None:
+    """Train from scratch or from the checkpoint `run` resumes; a SIGTERM/SIGINT ends here, after its checkpoint,
+    as Stopped."""
     if trainer.is_world_process_zero():
-        checkpointing.start(args)
         world = trainer.args.world_size
-        print(f"effective batch size: {args.batch_size} per device x {world} process{'es' * (world > 1)} = "
-              f"{args.batch_size * world * trainer.args.gradient_accumulation_steps} sequences per step"
-              + (f"; resuming from {resume_from}" if resume_from else ""), flush=True)
+        accumulation = trainer.args.gradient_accumulation_steps
+        micro_batches = f" x {accumulation} micro-batches" if accumulation > 1 else ""
+        print(f"effective batch size: {args.batch_size} per device{micro_batches} x {world} process"
+              f"{'es' * (world > 1)} = "
+              f"{args.batch_size * accumulation * world} sequences per step"
+              + (f"; resuming from {run.resume_from}" if run.resume_from else ""), flush=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=run.resume_from)
     handler = trainer.callback_handler
     next(cb for cb in handler.callbacks if isinstance(cb, checkpointing.CheckpointCallback)).raise_if_stopped(
         trainer.state)
@@ -130,36 +112,26 @@ def save_fsdp_adapter(trainer: Trainer, output_dir: str) -> None:
     trainer.processing_class.save_pretrained(output_dir)
 
 
-def finish(trainer: Trainer, args: TrainArguments, *more_arguments, **metrics) -> dict[str, float]:
-    """Save the (best) adapter to output_dir, compare it with the base on the held-out split (logged beside the
-    eval loss), write the run's manifest, close the W&B run, and say where an offline run went."""
+def finish(trainer: Trainer, args: TrainArguments, run: Prepared, *more_arguments, throughput=None) -> dict:
+    """Save the (best) adapter to output_dir; compare it with the base on the held-out split (and on HumanEval with
+    --humaneval), logged beside the eval loss; close the W&B run; write the manifest last (its presence marks the
+    run finished) and print the run's summary. Returns the metrics."""
     if trainer.is_fsdp_enabled:
         save_fsdp_adapter(trainer, args.output_dir)
     else:
         trainer.save_model(args.output_dir)
-    comparison = evaluation.compare(trainer.model, trainer.eval_dataset, trainer.processing_class,
-                                    trainer.args.per_device_eval_batch_size)
-    trainer.log({f"eval_{key}": value for key, value in comparison.items()})
-    if trainer.is_world_process_zero():
-        print(evaluation.describe(comparison))
-        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        manifest.write(args.output_dir, [args, *more_arguments], {
-            "global_step": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
-            **comparison, **metrics})
-    if "wandb" in trainer.args.report_to and trainer.is_world_process_zero():
-        end_wandb_run()
-    return comparison
-
-
-def end_wandb_run() -> None:
-    """Close this process's W&B run and forget its settings (its directory), so a later run in this process (a
-    test, a notebook, the sweep's summary) gets its own; offline, say how to upload it."""
-    import wandb  # only when W&B is in use
-
-    if wandb.run is not None:
-        wandb.finish()
-    wandb.teardown()
-    if os.environ.get("WANDB_MODE") == "offline":
-        runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")))
-        if runs:
-            print(f"W&B ran offline; upload the run with: wandb sync {runs[-1]}")
+    batch_size = trainer.args.per_device_eval_batch_size
+    metrics = {"global_step": trainer.state.global_step,
+               **evaluation.compare(trainer.model, run.eval_set, run.tokenizer, batch_size)}
+    if args.humaneval:
+        metrics.update(humaneval.compare(trainer.model, run.tokenizer, args.output_dir, args.humaneval_limit))
+    trainer.log({f"eval_{key}": value for key, value in metrics.items() if key != "global_step"})
+    if not trainer.is_world_process_zero():
+        return metrics
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    metrics = {**metrics, "final_train_loss": losses[-1] if losses else None, **(throughput or {})}
+    where = tracking.end_run() if "wandb" in trainer.args.report_to else None
+    manifest.write(args.output_dir, [args, *more_arguments], metrics)
+    checkpointing.release(args.output_dir)
+    console.summary(args.output_dir, trainer.state.best_model_checkpoint, metrics, where)
+    return metrics

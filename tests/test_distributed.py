@@ -71,7 +71,7 @@ def test_fsdp_qlora_on_two_gpus_saves_the_trained_adapter(tmp_path):
                    "base_with_tflops.py", *TINY_RUN, "--report_to", "none", "--output_dir", str(out)])
     assert "world_tokens_per_second" in done.stdout
     # Loaded the way generate.py loads it: a key peft does not recognise would leave its B at zero, silently.
-    model = PeftModel.from_pretrained(modeling.load_model("tiny-starcoder", "4bit"), out)
+    model = PeftModel.from_pretrained(modeling.load_quantized("tiny-starcoder", "4bit"), out)
     lora_b = [parameter for name, parameter in model.named_parameters() if "lora_B" in name]
     assert lora_b and all(parameter.abs().sum() > 0 for parameter in lora_b), "LoRA's B starts at zero: not trained"
     assert [c.name for c in checkpointing.complete_checkpoints(str(out))] == ["checkpoint-6"]
@@ -82,10 +82,10 @@ def test_fsdp_launch_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
 
     from finetune import modeling
 
-    plain = modeling.load_model("tiny-starcoder", "4bit")
+    plain = modeling.load_quantized("tiny-starcoder", "4bit")
     assert plain.transformer.h[0].attn.c_attn.weight.dtype == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
-    sharded = modeling.load_model("tiny-starcoder", "4bit")
+    sharded = modeling.load_quantized("tiny-starcoder", "4bit")
     assert sharded.transformer.h[0].attn.c_attn.weight.dtype == modeling.compute_dtype()
     assert type(sharded.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
 

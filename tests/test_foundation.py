@@ -43,7 +43,7 @@ def test_base_example_trains_lora_on_a_quantized_base(tmp_path, few_examples, qu
     layer = model.base_model.model.transformer.h[0].attn.c_attn.base_layer
     expected_layer = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[quantization]
     assert type(layer).__name__ == expected_layer
-    fresh = modeling.load_model("tiny-starcoder", quantization)
+    fresh = modeling.load_quantized("tiny-starcoder", quantization)
     fresh_weights = base_weights(fresh)
     for name, weight in base_weights(model).items():
         if "c_attn" in name or "c_proj" in name:

@@ -26,16 +26,16 @@ def trained(tmp_path_factory):
     args = tiny_args(root / "out", dataset=str(dataset), batch_size=2, max_train_steps=150, eval_steps=50,
                      logging_steps=50, learning_rate=1e-2, quantization="none")
     trainer = base_example.main(args)
-    trained_texts, _ = data.split(data.load_texts(str(dataset)), args.max_eval_samples, args.seed)
+    trained_texts, _ = data.split(data.load_examples(str(dataset)), args.max_eval_samples, args.seed)
     return args, trainer, trained_texts
 
 
 def test_generation_returns_the_memorised_completions(trained):
     args, _, texts = trained
-    prompts = [text.split("\n\nAnswer: ")[0].removeprefix("Question: ") for text in texts["text"]]
-    expected = [text.split("\n\nAnswer: ")[1] for text in texts["text"]]
+    prompts = [prompt.removeprefix("Question: ").removesuffix("\n\nAnswer:") for prompt in texts["prompt"]]
+    expected = [completion.removeprefix(" ") for completion in texts["completion"]]
     options = GenerateArguments(adapter=args.output_dir, quantization="none", prompt=prompts, max_new_tokens=24)
-    assert generate.main(options) == expected
+    assert generate.main(options)["completions"] == expected
 
     model, tokenizer = generate.load_with_adapter(options, "none")
     with model.disable_adapter():  # the base alone does not know them
@@ -57,9 +57,9 @@ def test_merged_model_matches_base_plus_adapter(trained, tmp_path):
     args, _, _ = trained
     merged = generate.main(GenerateArguments(adapter=args.output_dir, merge=True, merged_dir=str(tmp_path / "m")))
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
-    base = modeling.load_model(generate.adapter_base(args.output_dir), "none")
+    base = modeling.load_quantized(modeling.adapter_base(args.output_dir), "none")
     with_adapter = PeftModel.from_pretrained(base, args.output_dir).eval()
-    reloaded = modeling.load_model(str(tmp_path / "m"), "none").eval()
+    reloaded = modeling.load_quantized(str(tmp_path / "m"), "none").eval()
     ids = torch.randint(0, 4000, (2, 24))
     with torch.no_grad():
         expected = with_adapter(input_ids=ids).logits

@@ -45,7 +45,8 @@ def script_arguments(container: dict) -> tuple[str, list[str]]:
 
 def parse(script: str, argv: list[str]):
     module = importlib.import_module(script.removesuffix(".py"))
-    types = [cli.TrainArguments] + ([module.SpeedupArguments] if hasattr(module, "SpeedupArguments") else [])
+    types = [cli.TrainArguments] + [getattr(module, name) for name in ("SpeedupArguments", "SweepArguments")
+                                    if hasattr(module, name)]
     return cli.parse(*types, argv=argv)
 
 
@@ -98,7 +99,7 @@ def memory_and_cpu(obj):
         script, argv = script_arguments(container)
         if script in TRAINING_SCRIPTS:
             parsed = parse(script, argv)
-            workers = getattr(parsed[-1], "num_workers", 0)
+            workers = max(getattr(arguments, "num_workers", 0) for arguments in parsed)
             if float(resources.get("requests", {}).get("cpu", 0)) <= workers:
                 problems.append(f"{container['name']}: request more CPUs than the {workers} data loader workers")
     return problems

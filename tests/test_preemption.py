@@ -57,7 +57,7 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes_identically(tmp_path,
     out = tmp_path / "out"
     argv = [*COMMON, "--output_dir", str(out)]
     child = launch(argv)
-    wait_for(child, lambda lines: sum("'loss'" in line for line in lines) >= 8)  # mid-run, past a checkpoint
+    wait_for(child, lambda lines: sum("  loss " in line for line in lines) >= 8)  # mid-run, past a checkpoint
     child.send_signal(signal.SIGTERM)
     rest, _ = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, rest[-3000:]

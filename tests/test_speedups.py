@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ROOT, tiny_args
 from finetune import cli, data, modeling, sweep
+from finetune.sweep import SweepArguments
 from karpathy_speedups_example import SpeedupArguments, main
 
 OUTPUTS = ["results.csv", "results.json", "model_tflops_vs_batch_size.png", "samples_per_second_vs_batch_size.png",
@@ -16,10 +17,16 @@ OUTPUTS = ["results.csv", "results.json", "model_tflops_vs_batch_size.png", "sam
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """One sweep over batch sizes 2 and 4, plus 0: an impossible batch size that must fail without stopping it."""
+    """A sweep over batch sizes 2 and 4, unpacked and packed, on two short examples: packing them into 64-token
+    blocks makes no full block, so both packed configurations fail, and the sweep must go on."""
     out = tmp_path_factory.mktemp("sweep")
-    args = tiny_args(out, max_train_steps=4, seq_length=32)
-    rows = main(args, SpeedupArguments(num_workers=0, sweep_batch_sizes="2,0,4"))
+    pairs = out.parent / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in [
+        ("Add one to x.", "def inc(x):\n    return x + 1"), ("Double x.", "def double(x):\n    return 2 * x"),
+        ("Negate x.", "def neg(x):\n    return -x")]))
+    args = tiny_args(out, dataset=str(pairs), max_train_steps=4, seq_length=64)
+    rows = main(args, SpeedupArguments(num_workers=0), SweepArguments(sweep_batch_sizes="2,4",
+                                                                     sweep_packing="false,true"))
     return out, rows
 
 
@@ -33,26 +40,27 @@ def test_sweep_writes_results_and_plots(swept):
         pixels = matplotlib.image.imread(out / name)
         assert pixels.shape[0] > 100 and pixels.std() > 0.01, f"{name} is blank"
     saved = json.loads((out / "results.json").read_text())
-    assert [row["batch_size"] for row in saved] == [0, 2, 4]
-    assert (out / "results.csv").read_text().count("\n") == 4
+    assert [(row["packing"], row["batch_size"]) for row in saved] == [(False, 2), (False, 4), (True, 2), (True, 4)]
+    assert (out / "results.csv").read_text().count("\n") == 5
 
 
 def test_a_failing_configuration_is_recorded_and_ignored(swept, capsys):
     out, rows = swept
-    by_batch = {row["batch_size"]: row for row in rows}
-    assert by_batch[0]["status"] == "error" and "--batch_size must be a positive integer" in by_batch[0]["error"]
-    assert by_batch[2]["status"] == by_batch[4]["status"] == "ok"
-    assert all(by_batch[b]["tokens_per_second"] > 0 for b in (2, 4))
+    by_name = {row["name"]: row for row in rows}
+    for batch in (2, 4):
+        failed, ok = by_name[f"bs{batch}-w0-pin1-pack1-ckpt0"], by_name[f"bs{batch}-w0-pin1-pack0-ckpt0"]
+        assert failed["status"] == "error" and "made no full block" in failed["error"], failed
+        assert ok["status"] == "ok" and ok["tokens_per_second"] > 0
     advice = sweep.recommend(rows)
-    assert "bs0" not in advice[0] and advice[0].startswith("fastest: bs")
+    assert "pack1" not in advice[0] and advice[0].startswith("fastest: bs")
 
 
 def test_merge_of_separate_outputs_gives_the_same_files(swept, tmp_path):
     out, _ = swept
     pods = [str(path) for path in sorted(out.glob("bs*")) if (path / "result.json").is_file()]
-    assert len(pods) == 3
+    assert len(pods) == 4
     merged = tmp_path / "merged"
-    main(tiny_args(merged), SpeedupArguments(merge_results=pods))
+    main(tiny_args(merged), SpeedupArguments(), SweepArguments(merge_results=pods))
     for name in ("results.csv", "results.json"):
         assert (merged / name).read_text() == (out / name).read_text()
     for name in OUTPUTS[2:]:
@@ -69,10 +77,10 @@ def test_memory_budget_recommendation_uses_only_fitting_runs():
 
 def test_packing_makes_full_blocks_and_loses_only_the_last_partial_one():
     tokenizer = modeling.load_tokenizer("tiny-starcoder")
-    texts = data.load_texts("stdlib-code").select(range(200))
+    texts = data.load_examples("stdlib-code").select(range(200))
     padded = data.tokenize(texts, tokenizer, seq_length=10**6)  # no truncation: every token, EOS included
     total = sum(len(ids) for ids in padded["input_ids"])
-    packed = data.tokenize(texts, tokenizer, seq_length=128, packing=True)
+    packed = data.tokenize(texts, tokenizer, seq_length=128, packing=True, per_example=False)
     assert all(len(ids) == 128 for ids in packed["input_ids"])
     assert len(packed) == total // 128  # only the final partial block is dropped
     stream = [token for ids in padded["input_ids"] for token in ids]
@@ -82,9 +90,9 @@ def test_packing_makes_full_blocks_and_loses_only_the_last_partial_one():
 
 def test_padding_is_masked_out_of_the_labels():
     tokenizer = modeling.load_tokenizer("tiny-starcoder")
-    encoded = data.tokenize(data.load_texts("stdlib-code").select(range(4)), tokenizer, seq_length=64)
+    encoded = data.tokenize(data.load_examples("stdlib-code").select(range(4)), tokenizer, seq_length=64)
     assert all(ids[-1] == tokenizer.eos_token_id or len(ids) == 64 for ids in encoded["input_ids"])
-    batch = data.collator(tokenizer)([encoded[i] for i in range(4)])
+    batch = data.Collator(tokenizer)([encoded[i] for i in range(4)])
     padding = batch["attention_mask"] == 0
     assert padding.any()
     assert (batch["labels"][padding] == data.IGNORE_INDEX).all()
@@ -105,7 +113,7 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert results["torch"] and results["transformers"]
+    assert results["versions"]["torch"] and results["versions"]["transformers"] and results["device"]
     assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial"]
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
     assert "tokens/s" in done.stdout
@@ -116,7 +124,7 @@ def test_sweep_with_wandb_writes_one_run_per_configuration_and_a_summary(tmp_pat
 
     out = tmp_path / "sweep"
     main(tiny_args(out, max_train_steps=3, eval_steps=3, seq_length=32, report_to="wandb"),
-         SpeedupArguments(num_workers=0, sweep_batch_sizes="2,4"))
+         SpeedupArguments(num_workers=0), SweepArguments(sweep_batch_sizes="2,4"))
     runs = offline_runs(str(out))
     assert len(runs) == 3  # two configurations and the summary
     groups = {record.run.run_group for run in runs for record in records(run)

@@ -1,0 +1,107 @@
+"""The frozen base's GEMMs of one StarCoder training step, one layer kind at a time: bf16, NF4 and FP8.
+
+    python bench/fp8_gemms.py --size 15b --tokens 8192 --json fp8_gemms.json     # a GPU with FP8 (>= 8.9)
+
+For each linear layer of a block (and the LM head), forward y = x W^T plus the input gradient dy W at `--tokens`
+tokens, timed with CUDA events on random data, in four forms of the frozen weight:
+- `bf16`: a plain frozen nn.Linear (the ceiling of a bf16 base);
+- `nf4`: bitsandbytes' Linear4bit with NF4 and double quantization, as `--quantization 4bit` trains;
+- `fp8`: finetune.fp8.Float8Linear, as `--quantization fp8` trains: weights stored in e4m3 once, activations and
+  output gradients quantized each step (included in the time), the weight transposed for the backward each step;
+- `nf4_to_fp8`: the alternative to storing FP8: NF4 kept, dequantized and quantized to FP8 in every forward and
+  backward (both included).
+Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from finetune import fp8, manifest  # noqa: E402
+from bench.recipes import write_json  # noqa: E402
+from bench.timing import milliseconds  # noqa: E402
+from finetune.architecture import starcoder_config  # noqa: E402
+
+
+def layer_shapes(size: str) -> dict[str, tuple[int, int, int]]:
+    """(in, out, count per step) of each frozen linear of a StarCoder model."""
+    config = starcoder_config(size)
+    width, inner, kv = config.n_embd, config.n_inner, 2 * (config.n_embd // config.n_head)
+    layers = config.n_layer
+    return {"c_attn": (width, width + kv, layers), "attn.c_proj": (width, width, layers),
+            "c_fc": (width, inner, layers), "mlp.c_proj": (inner, width, layers),
+            "lm_head": (width, config.vocab_size, 1)}
+
+
+class _Nf4ToFp8(torch.autograd.Function):
+    """NF4 storage, FP8 compute: dequantize and quantize the weight in every forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        weight = fp8.dequantized_weight(layer)
+        values, scales = fp8.quantize_rows(weight)
+        rows, row_scales = fp8.quantize_rows(x)
+        return torch._scaled_mm(rows, values.t(), scale_a=row_scales, scale_b=scales.view(1, -1), out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight_t = fp8.dequantized_weight(ctx.layer).t().contiguous()
+        values, scales = fp8.quantize_rows(weight_t)  # a scale per input feature: rows of W^T
+        rows, row_scales = fp8.quantize_rows(grad)
+        return torch._scaled_mm(rows, values.t(), scale_a=row_scales, scale_b=scales.view(1, -1),
+                                out_dtype=grad.dtype), None
+
+
+def forms(in_features: int, out_features: int) -> dict:
+    import bitsandbytes
+
+    dense = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+    dense.requires_grad_(False)
+    nf4 = bitsandbytes.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                                     quant_type="nf4", compress_statistics=True)
+    nf4.weight = bitsandbytes.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                            compress_statistics=True)
+    nf4 = nf4.cuda()
+    return {"bf16": dense, "nf4": nf4, "fp8": fp8.Float8Linear(dense.weight, None),
+            "nf4_to_fp8": lambda x: _Nf4ToFp8.apply(x, nf4)}
+
+
+def main(options) -> dict:
+    results = {}
+    for name, (in_features, out_features, count) in layer_shapes(options.size).items():
+        x = torch.randn(options.tokens, in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(options.tokens, out_features, device="cuda", dtype=torch.bfloat16)
+        row = {"count": count}
+        for form, layer in forms(in_features, out_features).items():
+            row[form] = milliseconds(lambda: layer(x).backward(grad))
+        results[name] = row
+        print(json.dumps({name: row}), flush=True)
+    totals = {form: sum(row[form] * row["count"] for row in results.values()) for form in ("bf16", "nf4", "fp8",
+                                                                                             "nf4_to_fp8")}
+    header = manifest.provenance()
+    print(f"\n{header['device']}, StarCoder-{options.size}, {options.tokens} tokens, forward + input gradient, ms")
+    print(f"{'layer':12s} {'count':>5s} {'bf16':>8s} {'nf4':>8s} {'fp8':>8s} {'nf4->fp8':>9s}")
+    for name, row in results.items():
+        print(f"{name:12s} {row['count']:5d} {row['bf16']:8.2f} {row['nf4']:8.2f} {row['fp8']:8.2f} "
+              f"{row['nf4_to_fp8']:9.2f}")
+    print(f"{'per step':12s} {'':5s} {totals['bf16']:8.1f} {totals['nf4']:8.1f} {totals['fp8']:8.1f} "
+          f"{totals['nf4_to_fp8']:9.1f}")
+    write_json(options.json, {**header, "size": options.size, "tokens": options.tokens, "per_step_ms": totals},
+               results)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="15b")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch x sequence length)")
+    parser.add_argument("--json", default="")
+    options = parser.parse_args()
+    if fp8.unsupported_reason():
+        sys.exit(f"error: {fp8.unsupported_reason()}")
+    main(options)

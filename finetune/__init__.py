@@ -1,0 +1,7 @@
+"""The toolkit's shared code: one concern per module (see README.md, "How the code is laid out")."""
+
+import logging
+
+# bitsandbytes 0.50 tries, at import, to fetch an optional CPU kernel from the Hugging Face Hub through the `kernels`
+# package, and logs a warning when it cannot; it then uses its own kernel. Nothing for a user to act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

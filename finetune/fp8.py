@@ -1,0 +1,132 @@
+"""The frozen base in FP8: weights stored as e4m3 with one scale per output row, multiplied on FP8 tensor cores.
+
+LoRA trains only its adapters, so the base's weights never change: they are quantized once, at load, and only the
+activations (forward) and output gradients (backward) are quantized each step, each row with its own dynamic scale.
+The frozen weight needs no weight gradient, so the backward is one GEMM (the input gradient) and the forward saves no
+activation for it.
+
+Why our own autograd function over `torch._scaled_mm` rather than a library: torchao's float8 training keeps a
+16-bit weight and casts it again every step (a frozen base would be stored twice over and re-quantized each step),
+and transformers' and peft's FP8 support is inference-only. Needs compute capability >= 8.9 (Ada, Hopper, Blackwell;
+NVIDIA's Hopper and Ada whitepapers): not the A100, whose tensor cores have no FP8.
+"""
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+MIN_CAPABILITY = (8, 9)
+
+
+def unsupported_reason() -> str | None:
+    """Why FP8 matmuls cannot run here, or None if they can."""
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]} and no FP8 "
+                f"tensor cores (they need 8.9 or newer: Ada, Hopper, Blackwell)")
+    return None
+
+
+def _quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
+    """`x` (rows, columns), optionally times a per-column factor, as e4m3 with one scale per row: (values, scales)."""
+    x = x.float() if column_scale is None else x.float() * column_scale
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    return weight.t().contiguous()
+
+
+# Compiled on the GPU, with the width static and the token count dynamic: eager quantization is six passes over the
+# activations, and a compile with every dimension dynamic emits slower reductions; PyTorch's own copy transposes a
+# one-byte 24,576 x 6,144 weight at about 320 GB/s (0.9 ms; H200, 2026-11-30, scratch measurements, see
+# docs/PERFORMANCE.md), a tenth of what a tiled compiled copy reaches.
+_quantize_rows_compiled = torch.compile(_quantize_rows)
+_transposed_compiled = torch.compile(_transposed)
+
+
+def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
+    if not x.is_cuda:
+        return _quantize_rows(x, column_scale)
+    x = x.detach()  # one compiled graph whether or not the activation requires grad
+    torch._dynamo.maybe_mark_dynamic(x, 0)  # tokens per batch vary (evaluation); each layer's width does not
+    torch._dynamo.mark_static(x, 1)
+    return _quantize_rows_compiled(x, column_scale)
+
+
+def transposed(weight: torch.Tensor) -> torch.Tensor:
+    return (_transposed_compiled if weight.is_cuda else _transposed)(weight)
+
+
+class _FrozenFloat8Matmul(torch.autograd.Function):
+    """y = x W^T + b with W frozen in FP8. Backward: dx = dy W only.
+
+    W is stored as (out, in) e4m3 with a scale per output row s, so W = diag(s) Wq. Forward: x and Wq^T are both
+    contiguous along `in`, the layout FP8 tensor cores need. Backward: dx = dy diag(s) Wq, so s folds into dy's
+    columns before dy is quantized by rows, and Wq is transposed for that GEMM (a copy per layer and step, instead
+    of a second stored copy of the base)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias):
+        ctx.save_for_backward(weight, weight_scale)
+        rows = x.reshape(-1, x.shape[-1])
+        values, scales = quantize_rows(rows)
+        out = torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias,
+                               out_dtype=x.dtype)
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, weight_scale = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        values, scales = quantize_rows(rows, column_scale=weight_scale.view(1, -1))
+        # (in, out): contiguous along `out`, the dimension the input gradient sums over
+        grad_in = torch._scaled_mm(values, transposed(weight).t(), scale_a=scales,
+                                   scale_b=torch.ones(1, weight.shape[1], device=weight.device),
+                                   out_dtype=grad_out.dtype)
+        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
+
+
+class Float8Linear(torch.nn.Linear):
+    """A frozen linear layer stored and multiplied in FP8. A subclass of nn.Linear, as bitsandbytes' layers are, so
+    code that finds a model's linear layers (LoRA targets, the FLOPs counter) finds it too."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias=False, device="meta")
+        values, scales = _quantize_rows(weight.detach())
+        self.weight = torch.nn.Parameter(values, requires_grad=False)
+        self.register_buffer("weight_scale", scales.view(-1), persistent=False)
+        # _scaled_mm adds a bias in the output dtype; the frozen bias stays in the model's dtype
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x):
+        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+def dequantized_weight(module) -> torch.Tensor:
+    """A frozen linear layer's weight in its compute dtype: nn.Linear as it is, bitsandbytes' 4-bit layer unpacked."""
+    weight = module.weight
+    if hasattr(weight, "quant_state"):  # bitsandbytes Params4bit
+        import bitsandbytes
+
+        return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.data
+
+
+def convert(model, skip=("lora_A", "lora_B")) -> int:
+    """Replace every frozen linear layer of `model` (LoRA's base layers, unadapted linears, a tied LM head) with a
+    Float8Linear on the same device; LoRA's own A and B stay as they are. Returns how many were replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if (not isinstance(child, torch.nn.Linear) or isinstance(child, Float8Linear) or child_name in skip
+                    or child.weight.requires_grad):
+                continue
+            bias = child.bias if child.bias is not None and not child.bias.requires_grad else None
+            setattr(module, child_name, Float8Linear(dequantized_weight(child), bias))
+            replaced += 1
+    return replaced

@@ -1,0 +1,72 @@
+"""Everything before training that the three training scripts share, in Part 1's order: check the input, load and
+tokenize the data, claim the output directory, load the quantized base, add LoRA.
+
+Bad input stops here with a UsageError, before anything is written; so does a run that already finished (Finished).
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import BitsAndBytesConfig, set_seed
+
+from . import attention, checkpointing, chunked_loss, data, fp8, modeling
+from .cli import TrainArguments
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    model: PeftModel
+    train_set: Dataset
+    eval_set: Dataset
+    resume_from: str | None  # the checkpoint this run continues from, or None for a fresh start
+    run_config: dict  # what a resumed run must share with this one (recorded with the first checkpoint)
+    completion_only: bool
+
+
+def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None,
+            lora: LoraConfig | None = None) -> Prepared:
+    """Part 1 up to training. `quantization` and `lora` are the two configurations base_example.py builds in view;
+    when not given they are built the same way from `args`."""
+    quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
+    lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
+    checkpointing.check_output_dir(args.output_dir)
+    config = modeling.check_model(args.model, args.seq_length, token)
+    lora = dataclasses.replace(lora, target_modules=modeling.lora_targets(config, lora.target_modules))
+    tokenizer = modeling.load_tokenizer(args.model, token)
+
+    examples = data.load_examples(args.dataset, args.prompt_column, args.completion_column, token)
+    completion_only = data.has_prompts(examples) if args.completion_only_loss is None else args.completion_only_loss
+    train_set, eval_set = data.split(examples, args.max_eval_samples, args.seed)
+    per_example = args.packing and args.packed_attention == "per_example"
+    train_set = data.tokenize(train_set, tokenizer, args.seq_length, args.packing, completion_only, per_example)
+    eval_set = data.tokenize(eval_set, tokenizer, args.seq_length, completion_only=completion_only)
+    run_config = checkpointing.comparable(args, data.fingerprint(examples))
+    resume_from = checkpointing.claim(args, run_config)  # --resume auto: the newest intact checkpoint of this run
+
+    model = model_for_training(args, quantization, lora, args.model, per_example, tokenizer.pad_token_id, token=token)
+    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config, completion_only)
+
+
+def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | None, lora: LoraConfig,
+                       model: str | None, per_example: bool, pad_token_id: int = 0, **from_pretrained_kwargs):
+    """The base loaded and quantized, with per-example attention for packed data, LoRA, FP8 base layers where asked,
+    and the chunked loss. The benches build a model from in-memory weights through this path too (`model=None`,
+    the architecture's class, `config=` and `state_dict=`)."""
+    model = modeling.load_model(model, quantization, modeling.compute_dtype(args.dtype), **from_pretrained_kwargs)
+    model.config.pad_token_id = model.generation_config.pad_token_id = pad_token_id
+    if per_example:
+        attention.use(model)
+    set_seed(args.seed)  # LoRA's A matrices are drawn now, before the Trainer seeds: same seed, same run
+    model = modeling.add_lora(model, lora, args.fp32_upcast, args.gradient_checkpointing, args.fp32_adapter)
+    if int(os.environ.get("RANK", 0)) == 0:
+        model.print_trainable_parameters()
+    if args.quantization == "fp8":
+        fp8.convert(model)  # after LoRA: its A and B stay trainable bf16 layers
+    if not any(p.requires_grad for p in model.get_output_embeddings().parameters()):
+        chunked_loss.use_in_training(model.get_base_model())
+    return model
