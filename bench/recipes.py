@@ -265,6 +265,7 @@ def main(options) -> list[dict]:
         extra += ["--profile", options.profile, "--profile_dir", os.path.abspath(options.profile_dir)]
         results.append(run_recipe(name, options, extra=tuple(extra)))
         print(json.dumps(results[-1]), flush=True)
+        write_json(options.json, header, results)  # after each recipe: a run cut short keeps what it measured
     print(f"\n{header['device']}, StarCoder-{options.size} random weights, {header['date']}, torch "
           f"{header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; MFU against the dense "
           f"bf16 peak, MFU8 against the dense FP8 peak")
@@ -283,7 +284,6 @@ def main(options) -> list[dict]:
             v = row["verify"]
             print(f"  verify: callback {v['callback_model_tflops']:.1f} TFLOP/s vs FlopCounterMode over CUDA events "
                   f"{v['event_model_tflops']:.1f} ({v['callback_model_tflops'] / v['event_model_tflops'] - 1:+.2%})")
-    write_json(options.json, header, results)
     return results
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from . import console, secrets
 from .errors import Stopped, UsageError
@@ -217,6 +218,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         flag = action.option_strings[0]
         if action.nargs == 0 or (action.nargs == "?" and action.const is True):
             return flag
+        if action.type is string_to_bool:  # an optional boolean (default: decided by other settings)
+            return f"{flag} {{true,false}}"
         return f"{flag} {self._format_args(action, action.dest.upper())}"
 
     def _get_help_string(self, action):
@@ -235,7 +238,7 @@ def build_parser(*dataclass_types, description: str | None = None) -> HfArgument
     `_argument_group_name`), no abbreviated flags (--hf_tok would otherwise mean --hf_token) and argparse's errors
     as UsageError."""
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter,
-                              allow_abbrev=False)
+                              allow_abbrev=False, usage="%(prog)s [options]")
     parser.error = _refuse
     for dataclass_type in dataclass_types:
         for title, names in getattr(dataclass_type, "_help_groups", {}).items():

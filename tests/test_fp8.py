@@ -1,0 +1,96 @@
+"""The frozen base in FP8: refused where there are no FP8 tensor cores, arithmetic against bf16, LoRA still trains,
+and the adapter it trains is an ordinary one."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import ROOT
+from finetune import fp8, modeling
+
+
+def _cpu_scaled_mm_works() -> bool:
+    try:
+        ones = torch.ones(16, 16).to(fp8.E4M3)
+        torch._scaled_mm(ones, ones.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+needs_scaled_mm = pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch has no FP8 matmul on the CPU")
+
+
+@pytest.mark.skipif(fp8.unsupported_reason() is None, reason="this machine has FP8 tensor cores")
+def test_fp8_is_refused_without_fp8_tensor_cores(tmp_path):
+    done = subprocess.run([sys.executable, "base_example.py", "--model", "tiny-starcoder", "--dataset", "stdlib-code",
+                           "--quantization", "fp8", "--output_dir", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: --quantization fp8 needs FP8 tensor cores: {fp8.unsupported_reason()}; use --quantization 4bit or "
+        f"none"]
+    assert not (tmp_path / "out").exists()
+
+
+@needs_scaled_mm
+def test_fp8_layer_matches_bf16_within_e4m3_rounding():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 192, dtype=torch.bfloat16).requires_grad_(False)
+    layer = fp8.Float8Linear(dense.weight, dense.bias)
+    assert layer.weight.dtype == fp8.E4M3 and not layer.weight.requires_grad
+    x = torch.randn(3, 40, 256, dtype=torch.bfloat16, requires_grad=True)
+    x_reference = x.detach().clone().requires_grad_()
+    y, y_reference = layer(x), dense(x_reference)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_reference.backward(grad)
+    # e4m3 keeps 3 mantissa bits: about 2^-4 relative error per element, averaged down in each dot product
+    for ours, reference in ((y, y_reference), (x.grad, x_reference.grad)):
+        error = (ours.float() - reference.float()).norm() / reference.float().norm()
+        assert 0 < error < 0.06, error
+
+
+@pytest.fixture(scope="module")
+def fp8_adapter(tmp_path_factory):
+    """The tiny StarCoder with LoRA, its base converted to FP8, after ten training steps; the adapter saved."""
+    torch.manual_seed(0)
+    model = modeling.add_lora(modeling.load_quantized("tiny-starcoder", "none"),
+                              modeling.lora_config(r=4, alpha=8, dropout=0.0, targets="c_attn,c_proj"))
+    replaced = fp8.convert(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 4000, (2, 32))
+    for _ in range(10):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+    directory = tmp_path_factory.mktemp("fp8-adapter")
+    model.save_pretrained(directory)
+    return model, directory, replaced, before, grads
+
+
+@needs_scaled_mm
+def test_lora_trains_over_an_fp8_base(fp8_adapter):
+    model, _, replaced, before, grads = fp8_adapter
+    assert replaced == 4 * 4 + 1  # four linears in each of 4 blocks, and the tied LM head
+    assert grads and all("lora_A" in name or "lora_B" in name for name in grads)
+    assert any("lora_B" in name for name in grads)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[name], weight) for name, weight in before.items()), "a base weight changed"
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_an_adapter_trained_over_fp8_loads_into_a_16_bit_or_4_bit_base(fp8_adapter, quantization):
+    model, directory, *_ = fp8_adapter
+    loaded = PeftModel.from_pretrained(modeling.load_quantized("tiny-starcoder", quantization), directory)
+    trained = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    reloaded = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert trained.keys() == reloaded.keys()
+    assert all(torch.equal(trained[n].cpu(), reloaded[n].cpu().to(trained[n].dtype)) for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in reloaded.items() if "lora_B" in n)
