@@ -10,6 +10,7 @@ tokens, timed with CUDA events on random data, in four forms of the frozen weigh
   output gradients quantized each step (included in the time), the weight transposed for the backward each step;
 - `nf4_to_fp8`: the alternative to storing FP8: NF4 kept, dequantized and quantized to FP8 in every forward and
   backward (both included).
+For the FP8 form it also times the backward's weight transpose, PyTorch's copy against the compiled one it uses.
 Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
 """
 
@@ -79,16 +80,20 @@ def main(options) -> dict:
         row = {"count": count}
         for form, layer in forms(in_features, out_features).items():
             row[form] = milliseconds(lambda: layer(x).backward(grad))
+            if form == "fp8":  # the backward's weight transpose: PyTorch's copy against the compiled one
+                row["transpose_eager"] = milliseconds(lambda: layer.weight.t().contiguous())
+                row["transpose_compiled"] = milliseconds(lambda: fp8.transposed(layer.weight))
         results[name] = row
         print(json.dumps({name: row}), flush=True)
     totals = {form: sum(row[form] * row["count"] for row in results.values()) for form in ("bf16", "nf4", "fp8",
                                                                                              "nf4_to_fp8")}
     header = manifest.provenance()
     print(f"\n{header['device']}, StarCoder-{options.size}, {options.tokens} tokens, forward + input gradient, ms")
-    print(f"{'layer':12s} {'count':>5s} {'bf16':>8s} {'nf4':>8s} {'fp8':>8s} {'nf4->fp8':>9s}")
+    print(f"{'layer':12s} {'count':>5s} {'bf16':>8s} {'nf4':>8s} {'fp8':>8s} {'nf4->fp8':>9s}   fp8 weight "
+          f"transpose: eager, compiled")
     for name, row in results.items():
         print(f"{name:12s} {row['count']:5d} {row['bf16']:8.2f} {row['nf4']:8.2f} {row['fp8']:8.2f} "
-              f"{row['nf4_to_fp8']:9.2f}")
+              f"{row['nf4_to_fp8']:9.2f}   {row['transpose_eager']:.3f}, {row['transpose_compiled']:.3f}")
     print(f"{'per step':12s} {'':5s} {totals['bf16']:8.1f} {totals['nf4']:8.1f} {totals['fp8']:8.1f} "
           f"{totals['nf4_to_fp8']:9.1f}")
     write_json(options.json, {**header, "size": options.size, "tokens": options.tokens, "per_step_ms": totals},

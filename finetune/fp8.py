@@ -42,8 +42,7 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 
 # Compiled on the GPU, with the width static and the token count dynamic: eager quantization is six passes over the
 # activations, and a compile with every dimension dynamic emits slower reductions; PyTorch's own copy transposes a
-# one-byte 24,576 x 6,144 weight at about 320 GB/s (0.9 ms; H200, 2026-11-30, scratch measurements, see
-# docs/PERFORMANCE.md), a tenth of what a tiled compiled copy reaches.
+# one-byte weight at a fraction of the memory bandwidth (bench/fp8_gemms.py times both; docs/PERFORMANCE.md).
 _quantize_rows_compiled = torch.compile(_quantize_rows)
 _transposed_compiled = torch.compile(_transposed)
 
