@@ -184,8 +184,10 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
         inner = model.get_base_model()
         attention = inner.config._attn_implementation
         inner.set_attn_implementation("eager")
+        # The model's own forward (not the chunked loss, whose autograd.grad inside the forward FlopCounterMode's
+        # module hooks cannot follow): the same matmuls.
         with counter, torch.autocast(**autocast), torch.autograd.set_multithreading_enabled(False):
-            model(**batch).loss.backward()
+            type(inner).forward(inner, **batch).loss.backward()
         model.zero_grad(set_to_none=True)
         inner.set_attn_implementation(attention)
         ours = flops_per_token(model, args.seq_length)

@@ -38,9 +38,13 @@ def _varlen():
 def per_example_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                           cu_seq_lens_q=None, max_length_q=None, **kwargs):
     varlen = _varlen()
-    if cu_seq_lens_q is None or varlen is None or not query.is_cuda:
+    # FlashAttention takes 16-bit inputs only; under autocast with fp32 norms (--fp32_upcast) q, k and v are fp32,
+    # and a custom op is not cast by autocast as SDPA is.
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if cu_seq_lens_q is None or varlen is None or not query.is_cuda or dtype not in (torch.float16, torch.bfloat16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, heads, length, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
     out = varlen(*flat, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling)
