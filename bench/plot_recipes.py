@@ -17,14 +17,14 @@ def plot(results_path: str, png_path: str) -> None:
     rows = sorted((r for r in run["results"] if "tokens_per_second" in r), key=lambda r: r["tokens_per_second"])
     figure, axes = plt.subplots(figsize=(8, 4.5))
     bars = axes.barh([r["recipe"] for r in rows], [r["tokens_per_second"] for r in rows],
-                     color=["tab:green" if r["recipe"].startswith(("fast", "lean")) else "tab:gray" for r in rows])
+                     color=["tab:green" if r["recipe"].startswith(("fast", "fp8", "lean")) else "tab:gray" for r in rows])
     for bar, row in zip(bars, rows):
         axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                   f" {row['tokens_per_second']:,.0f}  ({row.get('mfu', 0):.0%} MFU, {row['peak_memory_gib']:.0f} GiB)",
                   va="center", fontsize=8)
     axes.set_xlabel("tokens/s (non-padding)")
     axes.set_xlim(0, max(r["tokens_per_second"] for r in rows) * 1.45)
-    axes.set_title(f"StarCoder-15B LoRA r=16, {run['gpu']}, {run['date']} (bench/recipes.py)", fontsize=10)
+    axes.set_title(f"StarCoder-15B LoRA r=16, {run['device']}, {run['date']} (bench/recipes.py)", fontsize=10)
     figure.tight_layout()
     figure.savefig(png_path, dpi=110)
 
