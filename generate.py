@@ -112,7 +112,7 @@ def check_lengths(args: GenerateArguments, tokenizer, prompt_list: list[str], ba
     config = modeling.check_model(base_name, 2)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     for prompt in prompt_list if limit else []:
-        needed = len(tokenizer(data.format_prompt(prompt))["input_ids"]) + args.max_new_tokens
+        needed = len(tokenizer(data.format_prompt(prompt), verbose=False)["input_ids"]) + args.max_new_tokens
         if needed > limit:
             raise UsageError(f"the prompt {prompt[:40]!r}... needs {needed} positions with --max_new_tokens "
                              f"{args.max_new_tokens}; the model has {limit}: shorten it or lower --max_new_tokens")
@@ -191,8 +191,8 @@ def main(args: GenerateArguments):
     chosen = evaluation_data(args) if args.evaluate else None
     examples = data.load_examples(chosen["dataset"], chosen["prompt_column"], chosen["completion_column"]) \
         if chosen else None
+    check_lengths(args, modeling.load_tokenizer(base_name), prompt_list, base_name)
     model, tokenizer = load_with_adapter(args, args.quantization)
-    check_lengths(args, tokenizer, prompt_list, base_name)
     results = {}
     if examples is not None:
         completion_only = (data.has_prompts(examples) if chosen["completion_only_loss"] is None

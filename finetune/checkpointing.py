@@ -114,40 +114,38 @@ def check_output_dir(output_dir: str) -> None:
         raise UsageError(f"--output_dir {output_dir!r} cannot be written ({ancestor}: {first_line(error)})") from None
 
 
-def _inspect(args, config: dict) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh; Finished or UsageError where the directory says so."""
+def _check(args, config: dict) -> None:
+    """Refuse a directory that holds a run of another configuration; stop (Finished) if it holds this run, done."""
     out = Path(args.output_dir)
-    if args.overwrite_output_dir:
-        return None
-    if (out / RUN_CONFIG).is_file():
-        saved = json.loads((out / RUN_CONFIG).read_text())
-        changed = {key: (saved.get(key), value) for key, value in config.items() if saved.get(key) != value}
-        if changed:
-            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
-            raise UsageError(f"{args.output_dir!r} holds a run with another configuration ({details}); use another "
-                             f"--output_dir, or --overwrite_output_dir to start over")
-        if (out / MANIFEST).is_file():
-            step = json.loads((out / MANIFEST).read_text()).get("metrics", {}).get("global_step", 0)
-            if step >= args.max_train_steps:
-                raise Finished(f"already finished: {step} steps with this configuration; the adapter is in "
-                               f"{args.output_dir}. Raise --max_train_steps to train on, or use --overwrite_output_dir "
-                               f"to start over.")
-    latest = newest_intact(args.output_dir)
-    if latest and args.resume == "never":
-        raise UsageError(f"{args.output_dir!r} holds checkpoints and --resume is never; use --resume auto, another "
-                         f"--output_dir, or --overwrite_output_dir")
-    return latest
+    if args.overwrite_output_dir or not (out / RUN_CONFIG).is_file():
+        return
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    changed = {key: (saved.get(key), value) for key, value in config.items() if saved.get(key) != value}
+    if changed:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+        raise UsageError(f"{args.output_dir!r} holds a run with another configuration ({details}); use another "
+                         f"--output_dir, or --overwrite_output_dir to start over")
+    if (out / MANIFEST).is_file():
+        step = json.loads((out / MANIFEST).read_text()).get("metrics", {}).get("global_step", 0)
+        if step >= args.max_train_steps:
+            raise Finished(f"already finished: {step} steps with this configuration; the adapter is in "
+                           f"{args.output_dir}. Raise --max_train_steps to train on, or use --overwrite_output_dir to "
+                           f"start over.")
 
 
 def claim(args, config: dict) -> str | None:
     """Check the output directory against this run's configuration and, on the first process, lock it for this
-    run's lifetime. Returns the checkpoint to resume from (or None). Read-only until the lock, then looked at again
-    under it, since the process that held it may have changed it."""
+    run's lifetime. Returns the checkpoint to resume from (the newest intact one), or None. Read-only until the
+    lock; checked again under it, since the process that held it may have changed the directory."""
     check_output_dir(args.output_dir)
-    _inspect(args, config)
+    _check(args, config)
     if int(os.environ.get("RANK", 0)) == 0:
         _lock(args.output_dir)
-    latest = _inspect(args, config)
+    _check(args, config)
+    latest = None if args.overwrite_output_dir else newest_intact(args.output_dir)
+    if latest and args.resume == "never":
+        raise UsageError(f"{args.output_dir!r} holds checkpoints and --resume is never; use --resume auto, another "
+                         f"--output_dir, or --overwrite_output_dir")
     return str(latest) if latest else None
 
 

@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from . import console, secrets
-from .errors import Stopped, UsageError
+from .errors import Finished, Stopped, UsageError
 
 # Schedules the Trainer names (transformers.SchedulerType), those that need no extra arguments.
 SCHEDULERS = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
@@ -268,9 +268,11 @@ def parse(*dataclass_types, argv=None, description: str | None = None):
 
 
 def run(main, *dataclass_types, argv=None):
-    """Parse, call `main(*args)`, and turn a UsageError into one line on stderr and exit status 2. The calling
-    script's docstring is the --help description."""
-    sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, also through a pipe
+    """Parse, call `main(*args)`, and turn a UsageError into one line on stderr and exit status 2 (a stop by signal
+    into its exit status, a finished run's rerun into one line and exit 0). The calling script's docstring is the
+    --help description."""
+    if hasattr(sys.stdout, "reconfigure"):  # a real stream (not a notebook's or a test's capture)
+        sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, also through a pipe
     console.quiet_progress_bars()
     try:
         arguments = parse(*dataclass_types, argv=argv, description=sys.modules[main.__module__].__doc__)
@@ -282,3 +284,5 @@ def run(main, *dataclass_types, argv=None):
     except Stopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)
+    except Finished as finished:
+        print(finished)

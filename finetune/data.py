@@ -39,7 +39,7 @@ def _read(name: str, token: str | None) -> Dataset:
     except UsageError:
         raise
     except Exception as error:  # datasets raises many types; the user needs the name and the first line
-        reason = first_line(error)
+        reason = first_line(error.__cause__ or error)  # datasets wraps the reader's error in a generic one
         if extension in LOCAL_DATA_FORMATS:
             if "corresponds to no data" in reason:  # datasets' word for a file without rows
                 raise UsageError(f"dataset {name!r} is empty") from None
@@ -54,9 +54,9 @@ def _check_text(dataset: Dataset, name: str, columns: list[str]) -> None:
     for column in columns:
         for row, value in enumerate(dataset[column]):
             if not isinstance(value, str):
-                kind = "null" if value is None else f"a {type(value).__name__}"
+                kind = "null" if value is None else f"of type {type(value).__name__}"
                 raise UsageError(f"dataset {name!r} row {row}: {column} is {kind}, not text; every value of "
-                                 f"{', '.join(columns)} must be a string")
+                                 f"{' and '.join(columns)} must be a string (one example per row)")
 
 
 def load_examples(name: str, prompt_column: str = "prompt", completion_column: str = "completion",
@@ -145,6 +145,19 @@ def pack(encoded: Dataset, seq_length: int, per_example: bool = True) -> Dataset
         raise UsageError(f"--packing made no full block of --seq_length {seq_length} tokens from {len(encoded)} "
                          f"examples; lower --seq_length, add data, or leave out --packing")
     return packed
+
+
+def check_labels(tokenized: Dataset, what: str, seq_length: int) -> None:
+    """Refuse examples that keep nothing to learn within `seq_length` (a loss over no token is NaN); warn, in one
+    line, when only some lose their completion."""
+    empty = sum(all(label == IGNORE_INDEX for label in labels) for labels in tokenized["labels"])
+    if empty == len(tokenized):
+        raise UsageError(f"no {what} example keeps a completion token within --seq_length {seq_length}: nothing to "
+                         f"learn from; raise --seq_length, or train on whole examples with --completion_only_loss "
+                         f"false")
+    if empty:
+        print(f"warning: {empty} of {len(tokenized)} {what} examples keep no completion token within --seq_length "
+              f"{seq_length} and teach nothing", flush=True)
 
 
 def split(examples: Dataset, max_eval_samples: int, seed: int) -> tuple[Dataset, Dataset]:

@@ -4,11 +4,12 @@ device, and the adapter on top."""
 import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
@@ -45,8 +46,14 @@ def load_tokenizer(model: str, token: str | None = None):
 def check_model(model: str, seq_length: int, token: str | None = None):
     """Before anything loads, from its config (returned): the model is a causal (decoder) language model, and
     `seq_length` fits its learned positions (a longer sequence would index past its position table)."""
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1  # a Hub id is `namespace/name`
+    if looks_local and not os.path.exists(model):
+        raise UsageError(f"could not load model {model!r}: the path does not exist")
     try:
         config = AutoConfig.from_pretrained(resolve(model), token=token)
+        for weights in Path(resolve(model)).glob("*.safetensors"):  # a damaged local file fails here, not mid-load
+            with safe_open(weights, "pt"):  # reads and checks the header and the file's length, not the weights
+                pass
     except LOAD_ERRORS as error:
         raise _not_loadable(model, error) from None
     architectures = config.architectures or []

@@ -34,13 +34,13 @@ AUTO_MIN_GAIN = 1.03  # doubling the batch must buy 3% more tokens/s to keep goi
 STABLE_STEPS, STABLE_SPREAD = 5, 0.10  # below 5 measured steps, or steps 10% apart, a figure is not to be trusted
 
 
-def _parse_list(name: str, text: str, parse) -> list:
+def _parse_list(name: str, text: str, parse, what: str) -> list:
     values = []
     for part in (part.strip() for part in text.split(",") if part.strip()):
         try:
             values.append(parse(part))
         except ValueError:
-            raise UsageError(f"--{name} {text!r}: {part!r} is not a valid value") from None
+            raise UsageError(f"--{name} {text!r}: {part!r} is not {what}; give a comma-separated list") from None
     return values
 
 
@@ -82,12 +82,12 @@ class SweepArguments:
     def __post_init__(self):
         self.auto = self.sweep_batch_sizes.strip() == "auto"
         self.batch_sizes = [] if self.auto else _parse_list("sweep_batch_sizes", self.sweep_batch_sizes,
-                                                             _positive_int)
-        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _count)
-        self.pin_memory_choices = _parse_list("sweep_pin_memory", self.sweep_pin_memory, _boolean)
-        self.packing_choices = _parse_list("sweep_packing", self.sweep_packing, _boolean)
+                                                             _positive_int, "a positive integer (or use `auto`)")
+        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _count, "a whole number")
+        self.pin_memory_choices = _parse_list("sweep_pin_memory", self.sweep_pin_memory, _boolean, "true or false")
+        self.packing_choices = _parse_list("sweep_packing", self.sweep_packing, _boolean, "true or false")
         self.checkpointing_choices = _parse_list("sweep_gradient_checkpointing", self.sweep_gradient_checkpointing,
-                                                 _boolean)
+                                                 _boolean, "true or false")
         if self.sweep_index < -1:
             raise UsageError(f"--sweep_index must be 0 or more (or -1 for the whole sweep), got {self.sweep_index}")
         if self.auto and self.sweep_index >= 0:

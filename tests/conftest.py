@@ -27,9 +27,11 @@ def _fresh_wandb_env(monkeypatch):
 
 
 def tiny_args(output_dir, **overrides) -> TrainArguments:
-    """A few-second run on the embedded model: short sequences, few steps, no W&B unless asked."""
+    """A few-second run on the embedded model: short sequences, few steps, no W&B unless asked. The loss is on whole
+    examples: at 64 tokens many stdlib-code docstrings leave no completion to train on."""
     settings = dict(model="tiny-starcoder", dataset="stdlib-code", seq_length=64, batch_size=4, max_train_steps=6,
-                    eval_steps=3, logging_steps=1, max_eval_samples=8, report_to="none", output_dir=str(output_dir))
+                    eval_steps=3, logging_steps=1, max_eval_samples=8, report_to="none", completion_only_loss=False,
+                    output_dir=str(output_dir))
     settings.update(overrides)
     return TrainArguments(**settings)
 

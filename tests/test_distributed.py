@@ -14,7 +14,8 @@ from wandb_records import history, offline_runs
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 TINY_RUN = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--quantization", "4bit", "--seq_length", "64",
-            "--batch_size", "2", "--max_train_steps", "6", "--eval_steps", "6", "--logging_steps", "2"]
+            "--completion_only_loss", "false", "--batch_size", "2", "--max_train_steps", "6", "--eval_steps", "6",
+            "--logging_steps", "2"]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 

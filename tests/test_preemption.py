@@ -13,9 +13,9 @@ import pytest
 from conftest import ROOT
 from finetune import checkpointing, cli
 
-COMMON = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--seq_length", "64", "--batch_size", "4",
-          "--max_train_steps", "24", "--eval_steps", "6", "--logging_steps", "1", "--max_eval_samples", "8",
-          "--report_to", "none"]
+COMMON = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--seq_length", "64", "--completion_only_loss",
+          "false", "--batch_size", "4", "--max_train_steps", "24", "--eval_steps", "6", "--logging_steps", "1",
+          "--max_eval_samples", "8", "--report_to", "none"]
 
 
 def launch(argv: list[str], prelude: str = "") -> subprocess.Popen:
