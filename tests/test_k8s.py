@@ -150,8 +150,40 @@ def gpu_node_affinity(obj):
     return [] if "nvidia.com/gpu.product" in keys else [f"{obj['metadata']['name']}: no GPU product node affinity"]
 
 
+def failure_policy(obj):
+    """Preemption (DisruptionTarget) and our own stop on a signal (exit 143/130, after a checkpoint) retry without
+    counting against the backoff limit; bad input (exit 2) fails at once."""
+    if obj["kind"] != "Job":
+        return []
+    rules = obj["spec"].get("podFailurePolicy", {}).get("rules", [])
+    names = {c["name"] for c in containers(obj)}
+    ignored = {code for r in rules if r["action"] == "Ignore" and r.get("onExitCodes", {}).get("containerName") in names
+               for code in r["onExitCodes"]["values"]}
+    failing = {code for r in rules if r["action"] in ("FailJob", "FailIndex")
+               and r.get("onExitCodes", {}).get("containerName") in names for code in r["onExitCodes"]["values"]}
+    disruption = any(r["action"] == "Ignore" and condition["type"] == "DisruptionTarget"
+                     for r in rules for condition in r.get("onPodConditions", []))
+    problems = [] if {130, 143} <= ignored else [f"{obj['metadata']['name']}: a stop by signal must not count"]
+    problems += [] if 2 in failing else [f"{obj['metadata']['name']}: bad input (exit 2) must fail at once"]
+    return problems + ([] if disruption else [f"{obj['metadata']['name']}: preemption must not count"])
+
+
+def guaranteed_qos(obj):
+    return [f"{c['name']}: requests must equal limits (Guaranteed QoS)" for c in containers(obj)
+            if any(c.get("resources", {}).get("requests", {}).get(kind) != c.get("resources", {}).get("limits", {})
+                   .get(kind) for kind in ("cpu", "memory", "nvidia.com/gpu"))]
+
+
+def volume_ownership(obj):
+    context = (pod_spec(obj) or {}).get("securityContext", {})
+    if "fsGroup" not in context or context.get("fsGroupChangePolicy") == "OnRootMismatch":
+        return []
+    return [f"{obj['metadata']['name']}: fsGroupChangePolicy OnRootMismatch, or every start re-chowns the volume"]
+
+
 RULES = [runs_as_non_root, no_privilege_escalation, image_pinned, secrets_from_secret_refs, gpu_limits,
-         memory_and_cpu, shm_mounted, cache_on_volume, job_lifecycle, gpu_node_affinity]
+         memory_and_cpu, shm_mounted, cache_on_volume, job_lifecycle, gpu_node_affinity, failure_policy,
+         guaranteed_qos, volume_ownership]
 
 
 def violations(objects: list[dict]) -> list[str]:
@@ -203,6 +235,9 @@ BREAKAGES = {
         v for v in pod["volumes"] if v["name"] != "data"]),
     job_lifecycle: lambda job, pod, c: pod.update(terminationGracePeriodSeconds=5),
     gpu_node_affinity: lambda job, pod, c: pod.pop("affinity"),
+    failure_policy: lambda job, pod, c: job["spec"].pop("podFailurePolicy"),
+    guaranteed_qos: lambda job, pod, c: c["resources"]["requests"].update(memory="8Gi"),
+    volume_ownership: lambda job, pod, c: pod["securityContext"].pop("fsGroupChangePolicy"),
 }
 
 
@@ -306,7 +341,15 @@ def test_trainjob_matches_the_kubeflow_trainer_schema_and_our_policy():
     pod_like = {"kind": "Job", "metadata": trainjob["metadata"], "spec": {"template": {"spec": {
         "containers": [container]}}}}
     assert image_pinned(pod_like) == [] and secrets_from_secret_refs(pod_like) == []
-    parse(*script_arguments(container))
+    assert guaranteed_qos({"kind": "Job", "spec": {"template": {"spec": {"containers": [
+        {"name": "trainer", "resources": trainer["resourcesPerNode"]}]}}}}) == []
+    # Outputs and the Hugging Face cache live on the volume, patched into the runtime's pods: not lost with a pod.
+    node = trainjob["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = node["template"]["spec"]["template"]["spec"]
+    patched = {"kind": "Job", "metadata": trainjob["metadata"], "spec": {"template": {"spec": {
+        **pod, "containers": [{**container, **pod["containers"][0]}]}}}}
+    assert cache_on_volume(patched) == [] and shm_mounted(patched) == [] and volume_ownership(patched) == []
+    assert parse(*script_arguments(container))[0].output_dir.startswith("/data/")
 
     broken = copy.deepcopy(trainjob)
     broken["spec"]["trainer"]["numNode"] = 2  # a typo the API server's schema would reject
