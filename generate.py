@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import PeftModel
 
 from finetune import checkpointing, cli, data, evaluation, humaneval, modeling
 from finetune.errors import UsageError, first_line
@@ -87,12 +86,7 @@ class GenerateArguments:
 
 def load_with_adapter(args: GenerateArguments, quantization: str):
     base_name = args.model or modeling.adapter_base(args.adapter)
-    model = modeling.load_quantized(base_name, quantization)
-    try:
-        model = PeftModel.from_pretrained(model, args.adapter)
-    except (RuntimeError, ValueError, KeyError, OSError) as error:  # shapes or module names that do not fit
-        raise UsageError(f"the adapter in {args.adapter!r} was trained on {modeling.adapter_base(args.adapter)!r} "
-                         f"and does not fit {base_name!r}: {first_line(error)[:200]}") from None
+    model = modeling.load_adapter(modeling.load_quantized(base_name, quantization), args.adapter, base_name)
     return model, modeling.load_tokenizer(base_name)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 TINY_MODEL = "tiny-starcoder"
 STDLIB_DATASET = "stdlib-code"
-_VERSION = "v1"  # bump when the recipe below changes, so stale caches are rebuilt
+_VERSION = "v2"  # bump when the recipe below changes, so stale caches are rebuilt
 
 # StarCoder's special tokens, in its tokenizer's order (bigcode/starcoder tokenizer.json): id 0 is <|endoftext|>.
 STARCODER_SPECIAL_TOKENS = [
@@ -25,6 +25,7 @@ STARCODER_SPECIAL_TOKENS = [
 ]
 MAX_PAIRS = 3000
 MAX_COMPLETION_CHARS = 1500
+MAX_PROMPT_CHARS = 1200  # every prompt then leaves room for its completion in 512 tokens
 
 
 def cache_dir() -> Path:
@@ -65,7 +66,7 @@ def _function_pairs(source: str):
         code = lines[start - 1 : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
         indent = len(code[0]) - len(code[0].lstrip())
         completion = "\n".join(line[indent:] for line in code)
-        if len(completion) <= MAX_COMPLETION_CHARS:
+        if len(completion) <= MAX_COMPLETION_CHARS and len(docstring) <= MAX_PROMPT_CHARS:
             yield docstring, completion
 
 

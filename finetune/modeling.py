@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -202,6 +202,15 @@ def add_lora(model, config: LoraConfig, fp32_upcast: bool = False, gradient_chec
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
         return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter or model.dtype == torch.float16)
+
+
+def load_adapter(base, adapter: str, base_name: str):
+    """A trained adapter on `base` (peft's PeftModel); one whose shapes or layer names do not fit is refused."""
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise UsageError(f"the adapter in {adapter!r} was trained on {adapter_base(adapter)!r} and does not fit "
+                         f"{base_name!r}: {first_line(error)[:200]}") from None
 
 
 def adapter_base(adapter: str) -> str:

@@ -139,6 +139,37 @@ def test_callback_rates_use_steps_after_warmup_and_non_padding_tokens():
     assert callback.metrics(state)["tokens_per_second"] == pytest.approx(tokens / 4.5)
 
 
+def test_each_peak_table_row_matches_its_own_device_and_no_other(monkeypatch):
+    import re
+
+    from flops_counter import PEAK_TFLOPS
+
+    monkeypatch.delenv("PEAK_TFLOPS", raising=False)
+    for pattern, bf16, fp8, example in PEAK_TFLOPS:
+        assert [row[0] for row in PEAK_TFLOPS if re.search(row[0], example)] == [pattern], example
+        assert peak_tflops(example) == bf16 and peak_tflops(example, fp8=True) == fp8
+    for lookalike in ("NVIDIA RTX A1000", "NVIDIA A10G", "NVIDIA L40 something-new", "NVIDIA H100 PCIe"):
+        row = next((row for row in PEAK_TFLOPS if re.search(row[0], lookalike)), None)
+        assert row is None or row[3].split()[-1] in lookalike, (lookalike, row)
+    assert peak_tflops("NVIDIA L40") == 181.05 and peak_tflops("NVIDIA L4") == 121.0  # not L4's for an L40
+    assert peak_tflops("NVIDIA RTX A1000") is None  # not the A100's
+
+
+def test_achieved_tflops_after_a_resume_counts_this_process_only():
+    model = build("gpt_bigcode_multi_query", lora=True, checkpointing=False)
+    clock = FakeClock()
+    callback = TFLOPSCallback(warmup_steps=0, clock=clock)
+    args, control = TrainingArguments(output_dir="unused", use_cpu=True), TrainerControl()
+    state = TrainerState(total_flos=7e15)  # the steps before the interruption
+    callback.on_train_begin(args, state, control, model=model)
+    callback.on_step_begin(args, state, control)
+    clock.now += 2.0
+    callback.on_step_end(args, state, control)
+    state.total_flos += 4e12
+    assert callback.metrics(state)["achieved_tflops"] == pytest.approx(4e12 / 2.0 / 1e12)
+    callback.on_train_end(args, state, control)
+
+
 def test_peak_table_override_and_unknown_devices(monkeypatch):
     monkeypatch.delenv("PEAK_TFLOPS", raising=False)
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.5

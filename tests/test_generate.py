@@ -80,3 +80,14 @@ def test_an_adapter_from_another_base_is_refused(trained, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_uses_the_runs_own_data_unless_told(trained, capsys):
+    args, _, _ = trained
+    own = generate.main(GenerateArguments(adapter=args.output_dir, quantization="none", evaluate=True))
+    assert capsys.readouterr().out.startswith(f"{args.dataset}: held-out loss: base ")
+    other = generate.main(GenerateArguments(adapter=args.output_dir, quantization="none", evaluate=True,
+                                            dataset="stdlib-code", seq_length=64, max_eval_samples=4))
+    assert capsys.readouterr().out.startswith("stdlib-code: held-out loss: base ")
+    assert own["evaluation"]["adapter_loss"] < own["evaluation"]["base_loss"] - 1.0  # it memorised its own data
+    assert other["evaluation"] != own["evaluation"]

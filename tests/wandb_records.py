@@ -49,10 +49,12 @@ def history(run_file: str) -> list[dict]:
 
 
 def config(run_file: str) -> dict:
+    """The run's config: what wandb.init received (in the `run` record) and every later update."""
     values = {}
     for record in records(run_file):
-        if record.WhichOneof("record_type") == "config":
-            values.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        kind = record.WhichOneof("record_type")
+        updates = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        values.update({item.key: json.loads(item.value_json) for item in updates})
     return values
 
 
