@@ -86,6 +86,8 @@ def quantization_config(kind: str, compute_dtype: torch.dtype, quant_type: str =
     if kind == "fp8" and fp8.unsupported_reason():
         raise UsageError(f"--quantization fp8 needs FP8 tensor cores: {fp8.unsupported_reason()}; use --quantization "
                          f"4bit or none")
+    if kind == "fp8" and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor of one dtype
+        raise UsageError("--quantization fp8 does not run under FSDP; use DDP (torchrun), or --quantization 4bit")
     if kind in ("fp8", "none"):
         return None
     try:

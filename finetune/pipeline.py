@@ -69,6 +69,8 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
         model.print_trainable_parameters()
     if args.quantization == "fp8":
         fp8.convert(model)  # after LoRA: its A and B stay trainable bf16 layers
-    if not any(p.requires_grad for p in model.get_output_embeddings().parameters()):
+    # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the
+    # chunked loss's own forward would not go through.
+    if not modeling.fsdp_enabled() and not any(p.requires_grad for p in model.get_output_embeddings().parameters()):
         chunked_loss.use_in_training(model.get_base_model())
     return model
