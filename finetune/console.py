@@ -67,7 +67,9 @@ class ConsoleCallback(TrainerCallback):
 def _throughput(metrics: dict) -> str:
     parts = []
     if metrics.get("tokens_per_second") is not None:
-        parts.append(f"{metrics['tokens_per_second']:,.0f} tokens/s")
+        world = metrics.get("world_tokens_per_second")
+        parts.append(f"{metrics['tokens_per_second']:,.0f} tokens/s"
+                     + (f" per GPU ({world:,.0f} tokens/s in all)" if world is not None else ""))
         parts.append(f"{metrics['model_tflops']:.3g} model TFLOP/s")
         parts.append(f"MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None
                      else "no MFU (no peak TFLOP/s known for this device; set PEAK_TFLOPS)")

@@ -50,6 +50,7 @@ def test_torchrun_two_processes_train_one_adapter(tmp_path):
     logged = [row for row in history(runs[0]) if "train/world_tokens_per_second" in row]
     assert logged and all(row["train/world_tokens_per_second"] > row["train/tokens_per_second"] for row in logged)
     assert (out / "manifest.json").is_file() and done.stdout.count("held-out loss:") == 1
+    assert "tokens/s per GPU (" in done.stdout and "tokens/s in all)" in done.stdout  # the world's throughput
 
 
 @two_gpus
@@ -70,7 +71,7 @@ def test_fsdp_qlora_on_two_gpus_saves_the_trained_adapter(tmp_path):
     out = tmp_path / "out"
     done = launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate/fsdp_qlora.yaml",
                    "base_with_tflops.py", *TINY_RUN, "--report_to", "none", "--output_dir", str(out)])
-    assert "world_tokens_per_second" in done.stdout
+    assert "tokens/s per GPU (" in done.stdout and "tokens/s in all)" in done.stdout  # the world's throughput
     # Loaded the way generate.py loads it: a key peft does not recognise would leave its B at zero, silently.
     model = PeftModel.from_pretrained(modeling.load_quantized("tiny-starcoder", "4bit"), out)
     lora_b = [parameter for name, parameter in model.named_parameters() if "lora_B" in name]

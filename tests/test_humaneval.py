@@ -80,3 +80,18 @@ def test_generate_scores_base_and_adapter_on_humaneval(tmp_path, capsys):
     assert all(len(row["samples"]) == 1 and "result" in row["samples"][0] for row in saved["base"]["problems"])
     assert "HumanEval (2 problems, 1 sample(s) each): base_pass@1 " in capsys.readouterr().out
     assert os.path.getsize(out / "humaneval.json") > 0
+
+
+def test_a_training_run_reports_humaneval_at_its_end(tmp_path, capsys):
+    import base_example
+    from conftest import tiny_args
+
+    from wandb_records import history, offline_runs
+
+    args = tiny_args(tmp_path / "out", max_train_steps=2, eval_steps=2, humaneval=True, humaneval_limit=1,
+                     report_to="wandb")
+    base_example.main(args)
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HumanEval pass@1")]
+    assert len(summary) == 1 and summary[0].startswith("HumanEval pass@1 (1 problems): base ")
+    logged = {key for row in history(offline_runs(args.output_dir)[0]) for key in row}
+    assert {"eval/humaneval_base_pass@1", "eval/humaneval_adapter_pass@1"} <= logged
