@@ -152,11 +152,11 @@ def check_labels(tokenized: Dataset, what: str, seq_length: int) -> None:
     line, when only some lose their completion."""
     empty = sum(all(label == IGNORE_INDEX for label in labels) for labels in tokenized["labels"])
     if empty == len(tokenized):
-        raise UsageError(f"no {what} example keeps a completion token within --seq_length {seq_length}: nothing to "
+        raise UsageError(f"none of the {what} keeps a completion token within --seq_length {seq_length}: nothing to "
                          f"learn from; raise --seq_length, or train on whole examples with --completion_only_loss "
                          f"false")
     if empty:
-        print(f"warning: {empty} of {len(tokenized)} {what} examples keep no completion token within --seq_length "
+        print(f"warning: {empty} of {len(tokenized)} {what} keep no completion token within --seq_length "
               f"{seq_length} and teach nothing", flush=True)
 
 

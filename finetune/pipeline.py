@@ -45,8 +45,8 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     per_example = args.packing and args.packed_attention == "per_example"
     train_set = data.tokenize(train_set, tokenizer, args.seq_length, args.packing, completion_only, per_example)
     eval_set = data.tokenize(eval_set, tokenizer, args.seq_length, completion_only=completion_only)
-    data.check_labels(train_set, "training", args.seq_length)
-    data.check_labels(eval_set, "held-out", args.seq_length)
+    data.check_labels(train_set, "packed training blocks" if args.packing else "training examples", args.seq_length)
+    data.check_labels(eval_set, "held-out examples", args.seq_length)
     run_config = checkpointing.comparable(args, data.fingerprint(examples))
     resume_from = checkpointing.claim(args, run_config)  # --resume auto: the newest intact checkpoint of this run
 
