@@ -155,7 +155,7 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
         train_set = synthetic_examples(args, total_steps * args.batch_size * world, config.vocab_size)
         tflops = TFLOPSCallback(warmup_steps=warmup)
         timer = CudaEventTimer() if verify_flops and torch.cuda.is_available() else None
-        run = pipeline.Prepared(tokenizer, model, train_set, None, None, {}, False)
+        run = pipeline.Prepared(tokenizer, model, train_set, None, None, {})
         trainer = training.build_trainer(
             args, run, callbacks=[tflops] + ([timer.callback] if timer else []),
             eval_strategy="no", eval_on_start=False, save_strategy="no", load_best_model_at_end=False, warmup_steps=0,

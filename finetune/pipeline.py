@@ -24,7 +24,6 @@ class Prepared:
     eval_set: Dataset
     resume_from: str | None  # the checkpoint this run continues from, or None for a fresh start
     run_config: dict  # what a resumed run must share with this one (recorded with the first checkpoint)
-    completion_only: bool
 
 
 def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None,
@@ -51,7 +50,7 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     resume_from = checkpointing.claim(args, run_config)  # --resume auto: the newest intact checkpoint of this run
 
     model = model_for_training(args, quantization, lora, args.model, per_example, tokenizer.pad_token_id, token=token)
-    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config, completion_only)
+    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config)
 
 
 def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | None, lora: LoraConfig,

@@ -123,7 +123,7 @@ def finish(trainer: Trainer, args: TrainArguments, run: Prepared, *more_argument
     batch_size = trainer.args.per_device_eval_batch_size
     metrics = {"global_step": trainer.state.global_step,
                **evaluation.compare(trainer.model, run.eval_set, run.tokenizer, batch_size)}
-    if args.humaneval:
+    if args.humaneval and trainer.is_world_process_zero():  # one process generates and runs the samples
         metrics.update(humaneval.compare(trainer.model, run.tokenizer, args.output_dir, args.humaneval_limit))
     trainer.log({f"eval_{key}": value for key, value in metrics.items() if key != "global_step"})
     if not trainer.is_world_process_zero():
