@@ -103,8 +103,7 @@ def prompts(args: GenerateArguments) -> list[str]:
 
 def check_lengths(args: GenerateArguments, tokenizer, prompt_list: list[str], base_name: str) -> None:
     """Each prompt, in the training format, plus --max_new_tokens must fit the model's positions."""
-    config = modeling.check_model(base_name, 2)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = modeling.position_limit(modeling.check_model(base_name, 2))
     for prompt in prompt_list if limit else []:
         needed = len(tokenizer(data.format_prompt(prompt), verbose=False)["input_ids"]) + args.max_new_tokens
         if needed > limit:

@@ -87,8 +87,9 @@ def summary(output_dir: str, best_checkpoint: str | None, metrics: dict, where: 
     if "humaneval_adapter_pass@1" in metrics:
         lines.append(f"HumanEval pass@1 ({metrics['humaneval_problems']} problems): base "
                      f"{metrics['humaneval_base_pass@1']:.1%} -> adapter {metrics['humaneval_adapter_pass@1']:.1%}")
-    if _throughput(metrics):
-        lines.append(f"throughput: {_throughput(metrics)}")
+    throughput = _throughput(metrics)
+    if throughput:
+        lines.append(f"throughput: {throughput}")
     if where:
         lines.append(where)
     print("\n".join(lines), flush=True)

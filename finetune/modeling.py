@@ -60,10 +60,15 @@ def check_model(model: str, seq_length: int, token: str | None = None):
     if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
         raise UsageError(f"model {model!r} is a {', '.join(architectures)}, not a causal language model; LoRA "
                          f"fine-tuning here needs one (StarCoder's is GPTBigCodeForCausalLM)")
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = position_limit(config)
     if limit and seq_length > limit:
         raise UsageError(f"--seq_length {seq_length} is above {model!r}'s maximum of {limit} positions")
     return config
+
+
+def position_limit(config) -> int | None:
+    """How many positions a model has (None if it does not say): learned positions cannot go further."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def compute_dtype(requested: str = "auto") -> torch.dtype:

@@ -33,7 +33,6 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
-    checkpointing.check_output_dir(args.output_dir)
     config = modeling.check_model(args.model, args.seq_length, token)
     lora = dataclasses.replace(lora, target_modules=modeling.lora_targets(config, lora.target_modules))
     tokenizer = modeling.load_tokenizer(args.model, token)

@@ -44,14 +44,8 @@ def _parse_list(name: str, text: str, parse, what: str) -> list:
     return values
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise ValueError(text)
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
+def _whole_number(text: str, minimum: int = 0) -> int:
+    if not text.isdigit() or int(text) < minimum:
         raise ValueError(text)
     return int(text)
 
@@ -82,8 +76,9 @@ class SweepArguments:
     def __post_init__(self):
         self.auto = self.sweep_batch_sizes.strip() == "auto"
         self.batch_sizes = [] if self.auto else _parse_list("sweep_batch_sizes", self.sweep_batch_sizes,
-                                                             _positive_int, "a positive integer (or use `auto`)")
-        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _count, "a whole number")
+                                                             lambda text: _whole_number(text, minimum=1),
+                                                             "a positive integer (or use `auto`)")
+        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _whole_number, "a whole number")
         self.pin_memory_choices = _parse_list("sweep_pin_memory", self.sweep_pin_memory, _boolean, "true or false")
         self.packing_choices = _parse_list("sweep_packing", self.sweep_packing, _boolean, "true or false")
         self.checkpointing_choices = _parse_list("sweep_gradient_checkpointing", self.sweep_gradient_checkpointing,
