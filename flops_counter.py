@@ -26,6 +26,8 @@ class FlopsPerToken:
     model: float  # FLOPs of one training step per trained token: what MFU counts
     hardware: float  # model FLOPs plus the forward recomputed under activation checkpointing: what HFU counts
     breakdown: dict[str, float] = field(default_factory=dict)  # model FLOPs per token by component
+    # Attention's model and hardware FLOPs per token per unit of `span`, by attention window (None: no window)
+    attention_per_span: dict[int | None, tuple[float, float]] = field(default_factory=dict)
 
 
 def _linear_shape(module) -> tuple[int, int] | None:
@@ -39,10 +41,26 @@ def _linear_shape(module) -> tuple[int, int] | None:
 
 
 def _attention_heads(config) -> tuple[int, int]:
-    """(query heads, head dim). Key/value heads (multi-query, grouped-query) change memory, not matmul FLOPs: every
-    query head still takes a score with every position and a weighted sum of values."""
+    """(query heads, head dim). Key/value heads (multi-query, grouped-query) change memory and the k/v projections
+    (read from the layers), not the attention matmuls: every query head still takes a score with every position it
+    sees and a weighted sum of their values."""
     heads = config.num_attention_heads
     return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def attention_window(module, config) -> int | None:
+    """How many positions (itself included) a token of this attention layer sees at most, or None: all before it.
+    Per layer where the layer keeps its own (Qwen2's mixed layers), else the model's (StarCoder2, Mistral)."""
+    return getattr(module, "sliding_window", getattr(config, "sliding_window", None)) or None
+
+
+def span(seq_len: int, window: int | None) -> float:
+    """Twice the mean number of earlier positions (itself half) a token attends to in a causal sequence: `seq_len`
+    without a window (sum(2p + 1 for p < n) = n^2 over the sequence); with one, position p sees min(p, window - 1)
+    before it."""
+    if window is None or seq_len <= window:
+        return float(seq_len)
+    return (window**2 + (seq_len - window) * (2 * window - 1)) / seq_len
 
 
 def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -> FlopsPerToken:
@@ -56,7 +74,9 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
       A frozen base under LoRA therefore costs 4 FLOPs per weight per token, not 6;
     - attention per layer: Q.K^T and P.V take 4 x seq_len x heads x head_dim per token over all positions; causal
       masking needs only half of them, so the forward counts 2 x seq_len x heads x head_dim and the backward up to
-      twice that: one matmul per operand that needs a gradient (dQ, dK, dP, dV);
+      twice that: one matmul per operand that needs a gradient (dQ, dK, dP, dV). A sliding window (StarCoder2's)
+      caps the positions a token sees: seq_len becomes `span(seq_len, window)`. Rotary positions and grouped-query
+      key/value heads add no matmul here (their projections are linear layers);
     - activation checkpointing recomputes the forward of every checkpointed decoder layer once more: that is
       hardware FLOPs, not model FLOPs.
     Layers are read from the model's module tree (its Linear and Conv1D modules, quantized or not, LoRA adapters
@@ -67,6 +87,7 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
     counts = dict.fromkeys(["linear_forward", "linear_input_grad", "linear_weight_grad", "attention_forward",
                             "attention_backward"], 0.0)
     recompute = 0.0  # hardware only
+    per_span: dict[int | None, tuple[float, float]] = {}  # attention's model, hardware FLOPs per unit of span
 
     def linear(module, shape, gradient_flows: bool, checkpointed: bool) -> bool:
         nonlocal recompute
@@ -98,10 +119,16 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
             # Separate q/k/v projections may differ (LoRA on q and v only): Q.K^T needs dQ only if q carries a
             # gradient and dK only if k does; P.V needs dP if either does, dV if v does. Fused qkv: all alike.
             q, k, v = inputs if len(inputs) == 3 else [any(inputs)] * 3
-            matmul = seq_len * heads * head_dim  # one of the two, causal: half of 2 x seq_len x heads x head_dim
-            counts["attention_forward"] += 2 * matmul
-            counts["attention_backward"] += matmul * (q + k + (q or k) + v)
-            recompute += 2 * matmul if checkpointed else 0
+            window = attention_window(module, model.config)
+            # Per token per unit of span, one matmul of the two (causal: half of 2 x span x heads x head_dim each)
+            matmul = heads * head_dim
+            forward, backward = 2 * matmul, matmul * (q + k + (q or k) + v)
+            recomputed = forward if checkpointed else 0
+            counts["attention_forward"] += forward * span(seq_len, window)
+            counts["attention_backward"] += backward * span(seq_len, window)
+            recompute += recomputed * span(seq_len, window)
+            model_unit, hardware_unit = per_span.get(window, (0.0, 0.0))
+            per_span[window] = (model_unit + forward + backward, hardware_unit + forward + backward + recomputed)
         return walk(children[-1], any(inputs), checkpointed)
 
     # Gradients reach the first layer's input only if the embeddings train, or if a hook makes their output
@@ -109,7 +136,8 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
     embeddings = model.get_input_embeddings()
     walk(model, any(p.requires_grad for p in embeddings.parameters()) or bool(embeddings._forward_hooks), False)
     model_flops = sum(counts.values())
-    return FlopsPerToken(model=model_flops, hardware=model_flops + recompute, breakdown=counts)
+    return FlopsPerToken(model=model_flops, hardware=model_flops + recompute, breakdown=counts,
+                         attention_per_span=per_span)
 
 
 # Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s: bf16 (equal to fp16 on all of these) and FP8 (None where
@@ -185,12 +213,13 @@ class TFLOPSCallback(TrainerCallback):
     # -- set-up: FLOPs per token, and a hook that counts the tokens each training forward sees ---------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-        # Cost of a sequence of n tokens is n * (base + slope * n): linear layers per token, attention per position.
-        at_zero, at_one = flops_per_token(model, 0, checkpointing), flops_per_token(model, 1, checkpointing)
-        self.model_coefficients = (at_zero.model, at_one.model - at_zero.model)
-        self.hardware_coefficients = (at_zero.hardware, at_one.hardware - at_zero.hardware)
+        # A sequence's cost: linear layers per token, plus each attention layer per position by the positions it
+        # sees (n^2 over a sequence of n without a window), counted per window: `flops_per_token`'s spans.
+        self.flops = flops_per_token(model, 0, checkpointing)
+        self.windows = list(self.flops.attention_per_span)
         self.device = next(model.parameters()).device
-        self.counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # tokens, sum of n^2, examples
+        # tokens, examples, then per window: the sum over positions p of 2 min(p, window - 1) + 1
+        self.counts = torch.zeros(2 + len(self.windows), dtype=torch.float64, device=self.device)
         self.flos_at_start = state.total_flos  # a resumed run's total_flos includes the steps before it
         self.hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         self.cuda = self.device.type == "cuda"
@@ -213,10 +242,11 @@ class TFLOPSCallback(TrainerCallback):
         valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         if positions is None:
             positions = valid.cumsum(dim=1) - 1
-        # Tensors only: a .item() here would stall the GPU pipeline on every micro-batch. An example of n tokens
-        # attends over sum(2p + 1 for p < n) = n^2 positions, so causal attention is charged per example.
-        self.counts += torch.stack([valid.sum(), ((2 * positions + 1) * valid).sum(),
-                                    ((positions == 0) & valid).sum()]).to(self.counts)
+        # Tensors only: a .item() here would stall the GPU pipeline on every micro-batch. Positions restart at every
+        # packed example, so causal attention is charged per example.
+        spans = [((2 * (positions if w is None else positions.clamp(max=w - 1)) + 1) * valid).sum()
+                 for w in self.windows]
+        self.counts += torch.stack([valid.sum(), ((positions == 0) & valid).sum(), *spans]).to(self.counts)
 
     # -- timing: synchronised step boundaries -------------------------------------------------------------------
     def _now(self) -> float:
@@ -236,6 +266,12 @@ class TFLOPSCallback(TrainerCallback):
             self.measured_from = self.counts.clone()
 
     # -- reporting ----------------------------------------------------------------------------------------------
+    def flops_of(self, tokens: float, spans: list[float]) -> tuple[float, float]:
+        """Model and hardware FLOPs of `tokens` whose positions summed to `spans` (one per window)."""
+        per_span = [self.flops.attention_per_span[window] for window in self.windows]
+        return (self.flops.model * tokens + sum(s * unit[0] for s, unit in zip(spans, per_span)),
+                self.flops.hardware * tokens + sum(s * unit[1] for s, unit in zip(spans, per_span)))
+
     def metrics(self, state) -> dict[str, float]:
         in_steps = sum(self.step_times)
         values = {"time_in_train_steps": in_steps,
@@ -246,9 +282,8 @@ class TFLOPSCallback(TrainerCallback):
             return values
         values.update(measured_steps=len(measured), step_time_spread=max(measured) / min(measured) - 1)
         seconds = sum(measured)
-        tokens, squares, sequences = (self.counts - (self.measured_from if self.warmup_steps else 0)).tolist()
-        model_flops = self.model_coefficients[0] * tokens + self.model_coefficients[1] * squares
-        hardware_flops = self.hardware_coefficients[0] * tokens + self.hardware_coefficients[1] * squares
+        tokens, sequences, *spans = (self.counts - (self.measured_from if self.warmup_steps else 0)).tolist()
+        model_flops, hardware_flops = self.flops_of(tokens, spans)
         world = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()

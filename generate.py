@@ -101,44 +101,68 @@ def prompts(args: GenerateArguments) -> list[str]:
     return lines
 
 
-def check_lengths(args: GenerateArguments, tokenizer, prompt_list: list[str], base_name: str) -> None:
+def run_config(args: GenerateArguments) -> dict:
+    """The training run's recorded configuration (run_config.json), or {} for an adapter trained elsewhere."""
+    path = Path(args.adapter) / checkpointing.RUN_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def wrap(prompt: str, data_format: str, tokenizer) -> str:
+    """A prompt as the run trained: a Question/Answer turn, a chat-template user turn, or plain text (code)."""
+    if data_format == "chat_template":
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return data.format_prompt(prompt) if data_format == "question_answer" else prompt
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """End-of-text and end-of-turn tokens: the tokenizer's eos and the model's generation config's (a chat model
+    ends its turn with one of its own, Qwen's <|im_end|>)."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(i for i in configured if i is not None)})
+
+
+def check_lengths(args: GenerateArguments, tokenizer, prompt_list: list[str], base_name: str,
+                  data_format: str) -> None:
     """Each prompt, in the training format, plus --max_new_tokens must fit the model's positions."""
     limit = modeling.position_limit(modeling.check_model(base_name, 2))
     for prompt in prompt_list if limit else []:
-        needed = len(tokenizer(data.format_prompt(prompt), verbose=False)["input_ids"]) + args.max_new_tokens
+        needed = len(tokenizer(wrap(prompt, data_format, tokenizer), verbose=False)["input_ids"]) + args.max_new_tokens
         if needed > limit:
             raise UsageError(f"the prompt {prompt[:40]!r}... needs {needed} positions with --max_new_tokens "
                              f"{args.max_new_tokens}; the model has {limit}: shorten it or lower --max_new_tokens")
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt_list: list[str], args: GenerateArguments) -> list[str]:
+def complete(model, tokenizer, prompt_list: list[str], args: GenerateArguments,
+             data_format: str = "question_answer") -> list[str]:
     model.eval()
     device = next(model.parameters()).device
     completions = []
     for prompt in prompt_list:
-        inputs = tokenizer(data.format_prompt(prompt), return_tensors="pt").to(device)
+        inputs = tokenizer(wrap(prompt, data_format, tokenizer), return_tensors="pt").to(device)
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                 temperature=args.temperature if args.do_sample else None,
                                 top_p=args.top_p if args.do_sample else None,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(model, tokenizer))
         text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         completions.append(text.removeprefix(" "))  # the space after "Answer:" belongs to the first token
     return completions
 
 
-def evaluation_data(args: GenerateArguments) -> dict:
+def evaluation_data(args: GenerateArguments, run: dict) -> dict:
     """What --evaluate runs on: the training run's data, split and lengths (its run_config.json), overridden by the
     flags given; without a run_config.json, --dataset is needed."""
-    config_path = Path(args.adapter) / checkpointing.RUN_CONFIG
-    run = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if not args.dataset and not run:
         raise UsageError(f"{args.adapter!r} has no {checkpointing.RUN_CONFIG} naming its data; give --dataset")
     own = not args.dataset or args.dataset == run.get("dataset")
     chosen = {"dataset": args.dataset or run["dataset"],
               "prompt_column": run.get("prompt_column", "prompt") if own else "prompt",
               "completion_column": run.get("completion_column", "completion") if own else "completion",
-              "completion_only_loss": run.get("completion_only_loss") if own else None}
+              "completion_only_loss": run.get("completion_only_loss") if own else None,
+              **{key: run.get(key, default) if own else default
+                 for key, default in (("dataset_split", "train"), ("eval_dataset", ""), ("eval_split", ""))}}
     for name, default in (("seq_length", 512), ("max_eval_samples", 64), ("seed", 42)):
         chosen[name] = getattr(args, name) if getattr(args, name) is not None else run.get(name, default)
     return chosen
@@ -181,18 +205,26 @@ def main(args: GenerateArguments):
     if not (prompt_list or args.evaluate or args.humaneval):
         raise UsageError("nothing to do: give --prompt TEXT or --prompts_file FILE, or --evaluate, --humaneval, "
                          "--merge")
-    chosen = evaluation_data(args) if args.evaluate else None
-    examples = data.load_examples(chosen["dataset"], chosen["prompt_column"], chosen["completion_column"]) \
-        if chosen else None
-    check_lengths(args, modeling.load_tokenizer(base_name), prompt_list, base_name)
+    run = run_config(args)
+    data_format = run.get("data_format", "question_answer")
+    tokenizer = modeling.load_tokenizer(base_name)
+    held_out = None
+    if args.evaluate:
+        chosen = evaluation_data(args, run)
+        train_examples, eval_examples, eval_format = data.load_splits(
+            chosen["dataset"], chosen["prompt_column"], chosen["completion_column"], tokenizer, None,
+            chosen["max_eval_samples"], chosen["seed"], chosen["dataset_split"], chosen["eval_dataset"],
+            chosen["eval_split"])
+        completion_only = (data.has_prompts(train_examples) if chosen["completion_only_loss"] is None
+                           else chosen["completion_only_loss"])
+        held_out = data.tokenize(eval_examples, tokenizer, chosen["seq_length"], completion_only=completion_only,
+                                 append_eos=eval_format != "chat_template")
+        data.check_labels(held_out, "held-out examples", chosen["seq_length"])
+    check_lengths(args, tokenizer, prompt_list, base_name, data_format)
     model, tokenizer = load_with_adapter(args, args.quantization)
     results = {}
-    if examples is not None:
-        completion_only = (data.has_prompts(examples) if chosen["completion_only_loss"] is None
-                           else chosen["completion_only_loss"])
-        _, held_out = data.split(examples, chosen["max_eval_samples"], chosen["seed"])
-        tokenized = data.tokenize(held_out, tokenizer, chosen["seq_length"], completion_only=completion_only)
-        results["evaluation"] = evaluation.compare(model, tokenized, tokenizer, 4)
+    if held_out is not None:
+        results["evaluation"] = evaluation.compare(model, held_out, tokenizer, 4)
         print(f"{chosen['dataset']}: {evaluation.describe(results['evaluation'])}")
     if args.humaneval:
         results["humaneval"] = humaneval.compare(model, tokenizer, args.adapter, args.humaneval_limit,
@@ -202,7 +234,7 @@ def main(args: GenerateArguments):
               f"each): " + ", ".join(f"{key.removeprefix('humaneval_')} {value:.1%}" for key, value in scores.items())
               + f"; per problem: {os.path.join(args.adapter, 'humaneval.json')}")
     if prompt_list:
-        results["completions"] = complete(model, tokenizer, prompt_list, args)
+        results["completions"] = complete(model, tokenizer, prompt_list, args, data_format)
         for prompt, completion in zip(prompt_list, results["completions"]):
             print(f"### {prompt}\n{completion}\n")
     return results

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from finetune import manifest  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
-from finetune.architecture import starcoder_config  # noqa: E402
+from finetune.architecture import config as architecture_config  # noqa: E402
 
 
 def document_ids(batch: int, seq_length: int, generator) -> torch.Tensor:
@@ -89,7 +89,7 @@ def kernels(docs: torch.Tensor):
 
 
 def main(options) -> dict:
-    config = starcoder_config(options.size)
+    config = architecture_config("gpt_bigcode", options.size)
     heads, dim = config.n_head, config.n_embd // config.n_head
     generator = torch.Generator().manual_seed(0)
     docs = document_ids(options.batch, options.seq_length, generator).cuda()

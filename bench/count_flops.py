@@ -1,7 +1,9 @@
-"""Three FLOP counts per token for a StarCoder model with LoRA: the Trainer's `total_flos`, our model FLOPs, and our
-hardware FLOPs under activation checkpointing. Pure arithmetic on a model built on the meta device: runs anywhere.
+"""Three FLOP counts per token for a StarCoder or StarCoder2 model with LoRA (on its default targets): the Trainer's
+`total_flos`, our model FLOPs, and our hardware FLOPs under activation checkpointing. Pure arithmetic on a model built
+on the meta device: runs anywhere.
 
     python bench/count_flops.py --size 15b --seq_length 2048 --lora_r 16
+    python bench/count_flops.py --family starcoder2 --size 15b --seq_length 16384   # the 4,096-token window counts
 """
 
 import argparse
@@ -11,38 +13,41 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPTBigCodeForCausalLM
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from finetune.architecture import starcoder_config  # noqa: E402
+from finetune import architecture, modeling  # noqa: E402
 from flops_counter import flops_per_token  # noqa: E402
 
 
-def count(size: str, seq_length: int, lora_r: int) -> dict:
+def count(family: str, size: str, seq_length: int, lora_r: int) -> dict:
+    config = architecture.config(family, size)
     with torch.device("meta"):
-        model = GPTBigCodeForCausalLM(starcoder_config(size))
+        model = AutoModelForCausalLM.from_config(config)
     hf_total_flos = 6 * model.num_parameters(exclude_embeddings=True)  # Trainer.floating_point_ops, per token
-    model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM"))
+    targets = modeling.lora_targets(config, None)
+    model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=targets, task_type="CAUSAL_LM"))
     plain = flops_per_token(model, seq_length)
     # Reentrant checkpointing with a frozen base makes the embeddings' output require grad (peft does this).
     model.enable_input_require_grads()
     checkpointed = flops_per_token(model, seq_length, gradient_checkpointing=True)
-    return {"size": size, "seq_length": seq_length, "lora_r": lora_r,
+    return {"family": family, "size": size, "seq_length": seq_length, "lora_r": lora_r, "lora_targets": targets,
             "hf_total_flos_per_token": hf_total_flos, "model_flops_per_token": plain.model,
             "hardware_flops_per_token_checkpointing": checkpointed.hardware, "breakdown": plain.breakdown}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="gpt_bigcode", choices=list(architecture.FAMILIES))
     parser.add_argument("--size", default="15b")
     parser.add_argument("--seq_length", type=int, default=2048)
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--json", default="", help="also write the result here")
     options = parser.parse_args()
-    result = count(options.size, options.seq_length, options.lora_r)
+    result = count(options.family, options.size, options.seq_length, options.lora_r)
     model = result["model_flops_per_token"]
-    print(f"StarCoder-{options.size}, LoRA r={options.lora_r} on c_attn+c_proj, seq {options.seq_length}: "
-          "GFLOPs per token")
+    print(f"{options.family}-{options.size}, LoRA r={options.lora_r} on {'+'.join(result['lora_targets'])}, seq "
+          f"{options.seq_length}: GFLOPs per token")
     for name in ("hf_total_flos_per_token", "model_flops_per_token", "hardware_flops_per_token_checkpointing"):
         print(f"  {name:42s} {result[name] / 1e9:8.1f}  ({result[name] / model:.2f}x model)")
     for name, value in result["breakdown"].items():

@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.recipes import add_run_arguments, run_recipe, write_json  # noqa: E402
+from bench.recipes import add_run_arguments, check_run_arguments, run_recipe, write_json  # noqa: E402
 from finetune import manifest  # noqa: E402
 
 
@@ -42,7 +42,8 @@ def main(options) -> list[dict]:
                 row["efficiency"] = row["world_tokens_per_second"] / (gpus * single) if single else None
             results.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{header['device']} x{header['gpu_count']}, StarCoder-{options.size} random weights, {header['date']}")
+    print(f"\n{header['device']} x{header['gpu_count']}, {options.family}-{options.size} random weights, "
+          f"{header['date']}")
     print(f"{'recipe':10s} {'GPUs':>4s} {'batch/GPU':>9s} {'tokens/s/GPU':>12s} {'world tokens/s':>14s} {'MFU':>6s} "
           f"{'peak GiB':>8s} {'efficiency':>10s}")
     for row in results:
@@ -63,4 +64,6 @@ if __name__ == "__main__":
     parser.set_defaults(steps=6)
     parser.add_argument("--recipes", default="fast", help="recipes of bench/recipes.py, comma-separated")
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run; 1 must come first, as the baseline")
-    main(parser.parse_args())
+    options = parser.parse_args()
+    check_run_arguments(parser, options)
+    main(options)

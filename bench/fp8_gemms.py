@@ -25,12 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from finetune import fp8, manifest  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
-from finetune.architecture import starcoder_config  # noqa: E402
+from finetune.architecture import config as architecture_config  # noqa: E402
 
 
 def layer_shapes(size: str) -> dict[str, tuple[int, int, int]]:
     """(in, out, count per step) of each frozen linear of a StarCoder model."""
-    config = starcoder_config(size)
+    config = architecture_config("gpt_bigcode", size)
     width, inner, kv = config.n_embd, config.n_inner, 2 * (config.n_embd // config.n_head)
     layers = config.n_layer
     return {"c_attn": (width, width + kv, layers), "attn.c_proj": (width, width, layers),

@@ -1,17 +1,23 @@
-"""Named fine-tuning recipes side by side on StarCoder's architecture with random weights: tokens/s, MFU, memory.
+"""Named fine-tuning recipes side by side on StarCoder's or StarCoder2's architecture with random weights: tokens/s,
+MFU, memory.
 
     python bench/recipes.py --size 15b --recipes tutorial,qlora,bf16_lora,fast,lean --json results.json  # one GPU
+    python bench/recipes.py --family starcoder2 --size 15b --recipes fast,fp8 --json sc2.json          # StarCoder2
+    python bench/recipes.py --recipes fp8 --data files --seq_length 8192 --fim_rate 0.5                 # whole files
     python bench/recipes.py --size tiny --recipes tutorial,fast --steps 2                              # CPU check
 
 The model is built through the scripts' own path (finetune.pipeline.model_for_training: `from_pretrained(None,
 config=..., state_dict=..., quantization_config=...)`, per-example attention, LoRA, FP8 base layers, the chunked
-loss), with random weights: no download, the same quantized layers as a real checkpoint. Packed recipes train on
-blocks packed by the real packing code from random examples of 80-600 tokens (CodeAlpaca-like lengths); the others
-on examples of seq_length/8 to seq_length tokens, padded per batch. Each recipe trains in its own subprocess with
+loss), with random weights: no download, the same quantized layers as a real checkpoint. The shapes are
+finetune/architecture.py's, from the published config.json files. Packed recipes train on blocks packed by the real
+packing code from random examples of 80-600 tokens (CodeAlpaca-like lengths; `--data files`: 2,000-8,000, whole
+source files), in FIM form by the real FIM code with `--fim_rate`; the others on examples of seq_length/8 to
+seq_length tokens, padded per batch. Each recipe trains in its own subprocess with
 the real Trainer and TFLOPSCallback; the first `--warmup` steps are excluded. Throughput counts non-padding tokens;
 MFU is against the dense bf16 peak whatever the matmuls ran in, and the table adds the FP8 peak. The same run
-measures the bf16 matmul ceiling. With `--verify_flops`, the first recipe also counts one step's FLOPs with torch's
-FlopCounterMode and times the steps with CUDA events: an independent check of the callback's model TFLOP/s.
+measures the bf16 matmul ceiling. With `--verify_flops`, every recipe's steps are also timed with CUDA events (the
+callback's FLOPs over that independent clock), and a recipe with joined attention is also counted by torch's
+FlopCounterMode: independent checks of the callback's model TFLOP/s.
 """
 
 import argparse
@@ -49,7 +55,12 @@ RECIPES = {
     "fast_fp32_adapter": dict(cli.RECIPES["fast"], fp32_adapter=True),
     "fast_autocast": dict(cli.RECIPES["fast"], mixed_precision=True),
     "fp8": cli.RECIPES["fp8"],
+    "fp8_joined": dict(cli.RECIPES["fp8"], packed_attention="joined"),
+    "fp8_ckpt": dict(cli.RECIPES["fp8"], gradient_checkpointing=True),
+    "fast_ckpt": dict(cli.RECIPES["fast"], gradient_checkpointing=True),
     "fp8_b8": dict(cli.RECIPES["fp8"], batch_size=8),
+    "long": cli.RECIPES["long"],
+    "long_fast": dict(cli.RECIPES["long"], quantization="4bit"),
     "lean": cli.RECIPES["lean"],
 }
 
@@ -70,37 +81,49 @@ def matmul_ceiling() -> float | None:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def causal_lm_class(config):
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
 def random_state_dict(config, dtype) -> dict:
-    """StarCoder-shaped random weights (GPT-2-style N(0, 0.02) init) on the GPU, for the loading path to quantize."""
+    """Random weights of the config's shape (GPT-2-style N(0, 0.02) init) on the GPU, for the loading path to
+    quantize."""
     from finetune import modeling
-    from transformers import GPTBigCodeForCausalLM
 
     with torch.device("meta"):
-        shapes = {name: p.shape for name, p in GPTBigCodeForCausalLM(config).state_dict().items()}
+        shapes = {name: p.shape for name, p in causal_lm_class(config)(config).state_dict().items()}
     device = modeling.device()  # this rank's GPU under torchrun (bench/ddp_scaling.py)
     generator = torch.Generator(device=device).manual_seed(0)
     return {name: (torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.02)
             for name, shape in shapes.items()}
 
 
-def synthetic_examples(args, count: int, vocab: int):
-    """Random token ids: `count` blocks packed by finetune.data.pack from examples of 80-600 tokens, or `count`
-    examples of seq_length/8..seq_length tokens."""
+# Example lengths in tokens: CodeAlpaca-like prompt/completion pairs, or whole source files.
+DATA = {"pairs": (80, 600), "files": (2000, 8000)}
+
+
+def synthetic_examples(args, count: int, vocab: int, data_mode: str = "pairs", fim_options=None):
+    """Random token ids: `count` blocks packed by finetune.data.pack (FIM form with `fim_options`) from examples of
+    DATA[data_mode] tokens, or `count` examples of seq_length/8..seq_length tokens."""
     from datasets import Dataset
 
     from finetune import data
 
     generator = torch.Generator().manual_seed(0)
+    low, high = DATA[data_mode]
     lengths = []
     while args.packing and sum(lengths) < (count + 1) * args.seq_length:
-        lengths.append(int(torch.randint(80, 601, (1,), generator=generator)))
+        lengths.append(int(torch.randint(low, high + 1, (1,), generator=generator)))
     if not args.packing:
         lengths = torch.randint(args.seq_length // 8, args.seq_length + 1, (count,), generator=generator).tolist()
-    ids = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
+    ids = [torch.randint(20, vocab, (n,), generator=generator).tolist() for n in lengths]  # no special tokens
     examples = Dataset.from_dict({"input_ids": ids, "labels": ids})
     if not args.packing:
         return examples
-    return data.pack(examples, args.seq_length, args.packed_attention == "per_example").select(range(count))
+    return data.pack(examples, args.seq_length, args.packed_attention == "per_example", fim_options).select(
+        range(count))
 
 
 class CudaEventTimer:
@@ -126,35 +149,38 @@ class CudaEventTimer:
         return sum(begin.elapsed_time(end) for begin, end in self.events[skip:]) / 1e3
 
 
-def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, seq_length: int = 0,
-            profile_dir: str = "") -> dict:
-    from finetune import modeling, pipeline, training
-    from finetune.architecture import starcoder_config
+def run_one(name: str, options) -> dict:
+    from finetune import architecture, fim, memory, modeling, pipeline, training
     from flops_counter import TFLOPSCallback, flops_per_token
-    from transformers import GPTBigCodeForCausalLM
 
-    total_steps = warmup + steps
+    total_steps = options.warmup + options.steps
     with tempfile.TemporaryDirectory() as output_dir:
-        args = cli.TrainArguments(**{**RECIPES[name], "seq_length": seq_length or RECIPES[name]["seq_length"]},
-                                  model="random", max_train_steps=total_steps, logging_steps=total_steps,
+        recipe = {**RECIPES[name], "seq_length": options.seq_length or RECIPES[name]["seq_length"],
+                  "batch_size": options.batch_size or RECIPES[name]["batch_size"]}
+        args = cli.TrainArguments(**recipe, model="random", max_train_steps=total_steps, logging_steps=total_steps,
                                   report_to="none", output_dir=output_dir)
         dtype = modeling.compute_dtype(args.dtype) if torch.cuda.is_available() else torch.float32
-        config = starcoder_config(size)
+        config = architecture.config(options.family, options.size)
         config._attn_implementation = "sdpa"
         state_dict = random_state_dict(config, dtype)
-        lora = modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
-                                    ",".join(modeling.lora_targets(config, None)))
+        targets = modeling.lora_targets(config, None)
+        lora = modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, ",".join(targets))
+        estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
+                                    args.seq_length, args.gradient_checkpointing, args.fp32_upcast)["total"]
         started = time.perf_counter()
         model = pipeline.model_for_training(args, modeling.quantization_config(args.quantization, dtype), lora,
                                             None, args.packing and args.packed_attention == "per_example",
-                                            model_class=GPTBigCodeForCausalLM, config=config, state_dict=state_dict)
+                                            model_class=causal_lm_class(config), config=config, state_dict=state_dict)
         del state_dict
         load_seconds = time.perf_counter() - started
-        tokenizer = modeling.load_tokenizer("tiny-starcoder")  # only its pad id is used, by the collator
+        tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
+        fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
+                              tokenizer.eos_token_id) if options.fim_rate else None
         world = int(os.environ.get("WORLD_SIZE", "1"))  # each rank trains on its own 1/world of the examples
-        train_set = synthetic_examples(args, total_steps * args.batch_size * world, config.vocab_size)
-        tflops = TFLOPSCallback(warmup_steps=warmup)
-        timer = CudaEventTimer() if verify_flops and torch.cuda.is_available() else None
+        train_set = synthetic_examples(args, total_steps * args.batch_size * world, config.vocab_size, options.data,
+                                       fim_options)
+        tflops = TFLOPSCallback(warmup_steps=options.warmup)
+        timer = CudaEventTimer() if options.verify_flops and torch.cuda.is_available() else None
         run = pipeline.Prepared(tokenizer, model, train_set, None, None, {})
         trainer = training.build_trainer(
             args, run, callbacks=[tflops] + ([timer.callback] if timer else []),
@@ -163,44 +189,57 @@ def run_one(name: str, size: str, steps: int, warmup: int, verify_flops: bool, s
             **training.length_grouped(False))
         trainer.train()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"recipe": name, **RECIPES[name], "seq_length": args.seq_length, "size": size,
-              "load_seconds": load_seconds, **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
+    result = {"recipe": name, **recipe, "family": options.family,
+              "size": options.size, "data": options.data, "fim_rate": options.fim_rate, "load_seconds": load_seconds,
+              "estimated_memory_gib": estimated,
+              **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
     autocast = dict(device_type="cuda", dtype=dtype, enabled=trainer.args.bf16 or trainer.args.fp16)
     if timer:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        # One sequence: eager attention keeps every score matrix, which at full batch does not fit. Joined examples
-        # only: FlopCounterMode has no formula for the variable-length attention kernel.
-        if "position_ids" in train_set.column_names:
-            raise SystemExit(f"--verify_flops needs a recipe without per-example attention (fast_joined), not {name}")
-        batch = first_batch(train_set, 1, tokenizer)
-        # bitsandbytes' 4-bit matmul is a custom op that FlopCounterMode has no formula for: 2 x tokens x in x out.
-        gemm_4bit = {torch.ops.bitsandbytes.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) *
-                     out_shape[-1]} if args.quantization == "4bit" else {}
-        counter = FlopCounterMode(display=False, custom_mapping=gemm_4bit)
-        # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11). The
-        # backward runs on this thread, not the autograd engine's device thread, so the counter sees it too.
-        inner = model.get_base_model()
-        attention = inner.config._attn_implementation
-        inner.set_attn_implementation("eager")
-        # The model's own forward (not the chunked loss, whose autograd.grad inside the forward FlopCounterMode's
-        # module hooks cannot follow): the same matmuls.
-        with counter, torch.autocast(**autocast), torch.autograd.set_multithreading_enabled(False):
-            type(inner).forward(inner, **batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-        inner.set_attn_implementation(attention)
-        ours = flops_per_token(model, args.seq_length)
-        # FlopCounterMode charges full attention; the model count charges causal attention as half of it.
-        attention_half = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
-        counted = counter.get_total_flops() - attention_half * args.seq_length
-        result["verify"] = {"flop_counter_per_token": counted / args.seq_length,
-                            "event_model_tflops": counted * args.batch_size * steps / timer.seconds(warmup) / 1e12,
-                            "callback_model_tflops": tflops.summary["model_tflops"]}
-    if profile_dir and torch.cuda.is_available():
+        # The callback's FLOPs over CUDA-event time: an independent clock for its TFLOP/s.
+        flops = tflops.summary["model_tflops"] * 1e12 * sum(tflops.step_times[options.warmup :])
+        result["verify"] = {"callback_model_tflops": tflops.summary["model_tflops"],
+                            "event_model_tflops": flops / timer.seconds(options.warmup) / 1e12}
+        window = getattr(config, "sliding_window", None) or math.inf
+        # FlopCounterMode has no rule for the varlen kernel, and eager attention ignores the window in its count
+        if "position_ids" not in train_set.column_names and args.seq_length <= window:
+            result["verify"]["flop_counter_per_token"] = flop_counter_per_token(model, args, train_set, tokenizer,
+                                                                                autocast)
+            result["verify"]["ours_per_token"] = flops_per_token(model, args.seq_length).model
+    if options.profile_dir and torch.cuda.is_available():
         result["profile"] = profile_step(model, first_batch(train_set, args.batch_size, tokenizer), autocast,
-                                         profile_dir, name)
+                                         options.profile_dir, name)
     return result
+
+
+def flop_counter_per_token(model, args, train_set, tokenizer, autocast: dict) -> float:
+    """One sequence's model FLOPs per token by torch's FlopCounterMode: an independent count of ours."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flops_counter import flops_per_token
+
+    # One sequence: eager attention keeps every score matrix, which at full batch does not fit.
+    batch = first_batch(train_set, 1, tokenizer)
+    # bitsandbytes' 4-bit matmul is a custom op that FlopCounterMode has no formula for: 2 x tokens x in x out.
+    gemm_4bit = {torch.ops.bitsandbytes.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) *
+                 out_shape[-1]} if args.quantization == "4bit" else {}
+    counter = FlopCounterMode(display=False, custom_mapping=gemm_4bit)
+    # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11). The
+    # backward runs on this thread, not the autograd engine's device thread, so the counter sees it too.
+    inner = model.get_base_model()
+    attention = inner.config._attn_implementation
+    inner.set_attn_implementation("eager")
+    # The model's own forward (not the chunked loss, whose autograd.grad inside the forward FlopCounterMode's
+    # module hooks cannot follow): the same matmuls.
+    with counter, torch.autocast(**autocast), torch.autograd.set_multithreading_enabled(False):
+        type(inner).forward(inner, **batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    inner.set_attn_implementation(attention)
+    # FlopCounterMode charges full attention; the model count charges causal attention as half of it. (Eager
+    # attention computes every score inside a sliding window's mask too: the caller checks unwindowed lengths only.)
+    ours = flops_per_token(model, args.seq_length)
+    return counter.get_total_flops() / args.seq_length - (ours.breakdown["attention_forward"]
+                                                          + ours.breakdown["attention_backward"])
 
 
 def first_batch(train_set, size: int, tokenizer) -> dict:
@@ -231,9 +270,8 @@ def profile_step(model, batch: dict, autocast: dict, out_dir: str, name: str) ->
 def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> dict:
     """Train one recipe in a child process, `python [launcher] recipes.py --one NAME` (the launcher: e.g. torchrun
     for bench/ddp_scaling.py): its result line, or its failure (oom or error, with the child's exception line)."""
-    command = [sys.executable, *launcher, os.path.abspath(__file__), "--one", name, "--size", options.size,
-               "--steps", str(options.steps), "--warmup", str(options.warmup), "--seq_length", str(options.seq_length),
-               *extra]
+    shared = [f"--{key}={getattr(options, key)}" for key in RUN_ARGUMENTS]
+    command = [sys.executable, *launcher, os.path.abspath(__file__), "--one", name, *shared, *extra]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode == 0 and lines:
@@ -248,13 +286,32 @@ def write_json(path: str, header: dict, results: list[dict]) -> None:
             json.dump({**header, "results": results}, f, indent=1)
 
 
+RUN_ARGUMENTS = ("family", "size", "steps", "warmup", "seq_length", "batch_size", "data", "fim_rate")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments every recipe run takes, here and in bench/ddp_scaling.py."""
-    parser.add_argument("--size", default="15b", choices=["15b", "7b", "3b", "1b", "tiny"])
+    """The arguments every recipe run takes (RUN_ARGUMENTS, passed on to each run's process), here and in
+    bench/ddp_scaling.py; and --json."""
+    from finetune.architecture import FAMILIES
+
+    parser.add_argument("--family", default="gpt_bigcode", choices=list(FAMILIES),
+                        help="the architecture: gpt_bigcode (StarCoder) or starcoder2; the others are tiny only")
+    parser.add_argument("--size", default="15b", help="a size of the family: 15b, 7b, 3b, 1b (StarCoder), tiny")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
     parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")
+    parser.add_argument("--batch_size", type=int, default=0, help="override every recipe's batch size")
+    parser.add_argument("--data", default="pairs", choices=list(DATA),
+                        help="example lengths: pairs (80-600 tokens, CodeAlpaca-like) or files (2,000-8,000 tokens)")
+    parser.add_argument("--fim_rate", type=float, default=0.0, help="share of packed examples in FIM form")
     parser.add_argument("--json", default="", help="write the header and results here")
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, options) -> None:
+    from finetune.architecture import FAMILIES
+
+    if options.size not in FAMILIES[options.family].sizes:
+        parser.error(f"--size {options.size}: {options.family} has {', '.join(FAMILIES[options.family].sizes)}")
 
 
 def main(options) -> list[dict]:
@@ -262,15 +319,16 @@ def main(options) -> list[dict]:
     header = {**manifest.provenance(), "bf16_matmul_tflops": ceiling}
     print(json.dumps(header))
     results = []
-    for index, name in enumerate(options.recipes.split(",")):
-        extra = ["--verify_flops"] if options.verify_flops and not index else []
+    for name in options.recipes.split(","):
+        extra = ["--verify_flops"] if options.verify_flops else []
         extra += ["--profile", options.profile, "--profile_dir", os.path.abspath(options.profile_dir)]
         results.append(run_recipe(name, options, extra=tuple(extra)))
         print(json.dumps(results[-1]), flush=True)
         write_json(options.json, header, results)  # after each recipe: a run cut short keeps what it measured
-    print(f"\n{header['device']}, StarCoder-{options.size} random weights, {header['date']}, torch "
-          f"{header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; MFU against the dense "
-          f"bf16 peak, MFU8 against the dense FP8 peak")
+    fim_note = f", {options.fim_rate:.0%} of them FIM" if options.fim_rate else ""
+    print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{fim_note}, "
+          f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
+          f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak")
     print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>4s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'MFU8':>6s} {'peak GiB':>8s}")
     for row in results:
@@ -284,8 +342,11 @@ def main(options) -> list[dict]:
               f"{row.get('peak_memory_gib', 0):8.1f}")
         if "verify" in row:
             v = row["verify"]
-            print(f"  verify: callback {v['callback_model_tflops']:.1f} TFLOP/s vs FlopCounterMode over CUDA events "
-                  f"{v['event_model_tflops']:.1f} ({v['callback_model_tflops'] / v['event_model_tflops'] - 1:+.2%})")
+            counted = (f"; FLOPs per token vs FlopCounterMode "
+                       f"{v['ours_per_token'] / v['flop_counter_per_token'] - 1:+.2%}" if "ours_per_token" in v else "")
+            print(f"  verify: callback {v['callback_model_tflops']:.1f} TFLOP/s vs its FLOPs over CUDA events "
+                  f"{v['event_model_tflops']:.1f} ({v['callback_model_tflops'] / v['event_model_tflops'] - 1:+.2%})"
+                  + counted)
     return results
 
 
@@ -293,14 +354,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument("--recipes", default="tutorial,qlora,bf16_lora,fast,lean", help=f"from {', '.join(RECIPES)}")
-    parser.add_argument("--verify_flops", action="store_true", help="check the first recipe's FLOPs count")
+    parser.add_argument("--verify_flops", action="store_true",
+                        help="time each recipe's steps with CUDA events too, and count joined recipes' FLOPs with "
+                             "FlopCounterMode: independent checks of the callback's TFLOP/s")
     parser.add_argument("--profile", default="", help="recipes to profile one step of (comma-separated)")
     parser.add_argument("--profile_dir", default=".", help="where the profile tables go")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
+    check_run_arguments(parser, options)
     if options.one:
-        result = run_one(options.one, options.size, options.steps, options.warmup, options.verify_flops,
-                         options.seq_length, options.profile_dir if options.one in options.profile.split(",") else "")
+        if options.one not in options.profile.split(","):
+            options.profile_dir = ""
+        result = run_one(options.one, options)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
     else:

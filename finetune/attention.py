@@ -4,8 +4,11 @@ On a GPU with FlashAttention kernels (compute capability 8.0+), packed batches r
 FlashAttention (`torch.nn.attention.varlen`), which treats each example as its own causal sequence: it is as fast as
 causal attention over whole blocks (bench/attention_kernels.py: 1.62 against 1.72 ms a layer at StarCoder-15B's shape;
 an SDPA document mask takes 4.9 ms and compiled flex attention 2.8). Everywhere else (the CPU, evaluation, generation)
-it is transformers' SDPA attention, which builds the same per-example mask from the position ids. Neither kernel
-applies attention dropout, so `use` turns it off.
+it is transformers' SDPA attention, which builds the same per-example mask from the position ids. Grouped-query and
+multi-query key/value heads go to the kernel as they are, and a sliding window (StarCoder2's 4,096 tokens) limits
+each token to the `window` positions up to itself in both: FlashAttention's left window is `window - 1`, the
+positions before the token itself, where transformers' mask keeps `key > query - window`. Neither kernel applies
+attention dropout, so `use` turns it off.
 """
 
 import functools
@@ -29,25 +32,26 @@ def _varlen():
         return None
     from torch.nn.attention.varlen import varlen_attn
 
-    options = {"window_size": (-1, 0)}  # causal
+    options = {}
     if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-        options["enable_gqa"] = True  # StarCoder's one key/value head serves all query heads
+        options["enable_gqa"] = True  # fewer key/value heads than query heads (torch 2.11's kernel takes them anyway)
     return functools.partial(varlen_attn, **options)
 
 
 def per_example_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                          cu_seq_lens_q=None, max_length_q=None, **kwargs):
+                          cu_seq_lens_q=None, max_length_q=None, sliding_window=None, **kwargs):
     varlen = _varlen()
     # FlashAttention takes 16-bit inputs only; under autocast with fp32 norms (--fp32_upcast) q, k and v are fp32,
     # and a custom op is not cast by autocast as SDPA is.
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     if cu_seq_lens_q is None or varlen is None or not query.is_cuda or dtype not in (torch.float16, torch.bfloat16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+                                      **kwargs)  # the mask holds the window
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, heads, length, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
-    out = varlen(*flat, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling)
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)  # causal, within the window if there is one
+    out = varlen(*flat, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling, window_size=window)
     return out.view(batch, length, heads, dim), None
 
 

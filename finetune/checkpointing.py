@@ -39,7 +39,7 @@ RUN_FILES = ("checkpoint-*", STAGING, RUN_CONFIG, MANIFEST, "adapter_config.json
 # Arguments that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = {"output_dir", "report_to", "wandb_project", "max_train_steps", "logging_steps", "eval_steps",
                      "resume", "overwrite_output_dir", "grace_period_seconds", "hf_token", "recipe", "humaneval",
-                     "humaneval_limit"}
+                     "humaneval_limit", "check_memory"}
 _held_locks: dict[str, int] = {}  # this process's locks, by output directory: open descriptors
 
 

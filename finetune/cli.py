@@ -64,8 +64,16 @@ class TrainArguments:
                 "saved."})
     # Data
     dataset: str = field(default="HuggingFaceH4/CodeAlpaca_20K", metadata={
-        "help": "Hub id, or a local .json/.jsonl/.csv/.parquet file with prompt/completion (or text) columns; "
-                "`stdlib-code` builds pairs from this Python's standard library."})
+        "help": "Hub id, or a local .json/.jsonl/.csv/.parquet file with prompt/completion, messages (a list of "
+                "{role, content} turns) or text columns; `stdlib-code` builds pairs from this Python's standard "
+                "library."})
+    dataset_split: str = field(default="train", metadata={"help": "The Hub data set's split to train on."})
+    eval_dataset: str = field(default="", metadata={
+        "help": "Held-out data (a file or Hub id, the same columns); default: held out from --dataset (at most 1 "
+                "example in 20)."})
+    eval_split: str = field(default="", metadata={
+        "help": "The split to evaluate on: of --eval_dataset (default train), or of --dataset's Hub data set "
+                "(e.g. test) instead of holding out."})
     prompt_column: str = field(default="prompt", metadata={"help": "The data set's column with the prompt."})
     completion_column: str = field(default="completion", metadata={"help": "Its column with the completion."})
     seq_length: int = field(default=512, metadata={"help": "Tokens per example (or packed block); longer examples "
@@ -106,10 +114,12 @@ class TrainArguments:
     eval_steps: int = field(default=20, metadata={"help": "Evaluate (and checkpoint) every this many steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the loss and throughput every this many steps."})
     # Speed
-    recipe: Literal["fast", "fp8", "lean", "qlora", "tutorial"] | None = field(default=None, metadata={
+    recipe: Literal["fast", "fp8", "long", "lean", "qlora", "tutorial"] | None = field(default=None, metadata={
         "help": "Preset flags (explicit flags still win): fast = packed 4 x 2048; fp8 = fast with the base in FP8; "
-                "lean = packed 1 x 2048 with checkpointing (StarCoder-15B in about 11 GiB); qlora = the common "
-                "QLoRA recipe; tutorial = the tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
+                "long = whole files at StarCoder's full 8,192 tokens, 1 per batch, FP8 base (StarCoder2's 16,384: "
+                "add --seq_length 16384 --gradient_checkpointing); lean = packed 1 x 2048 with checkpointing "
+                "(StarCoder-15B in about 11 GiB); qlora = the common QLoRA recipe; tutorial = the tutorial's 8-bit "
+                "fp16 set-up. See docs/PERFORMANCE.md."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about a quarter slower."})
     fp32_upcast: bool = field(default=False, metadata={
@@ -121,6 +131,9 @@ class TrainArguments:
     mixed_precision: bool = field(default=False, metadata={
         "help": "Run under autocast. Off: a bf16 model computes in bf16 throughout, with no casts around "
                 "bitsandbytes layers (fp16 always uses autocast with a loss scaler)."})
+    check_memory: bool = field(default=True, metadata={
+        "help": "Before loading, estimate the GPU memory the run needs and refuse one that cannot fit, naming what "
+                "would (finetune/memory.py); false: try anyway."})
     # Output and resume
     output_dir: str = field(default="./outputs", metadata={"help": "Where checkpoints, the adapter and W&B runs go."})
     resume: Literal["auto", "never"] = field(default="auto", metadata={
@@ -143,13 +156,14 @@ class TrainArguments:
 
     _help_groups = {
         "model": ("model", "quantization", "dtype", "hf_token"),
-        "data": ("dataset", "prompt_column", "completion_column", "seq_length", "packing", "packed_attention",
-                 "completion_only_loss", "max_eval_samples"),
+        "data": ("dataset", "dataset_split", "eval_dataset", "eval_split", "prompt_column", "completion_column",
+                 "seq_length", "packing", "packed_attention", "completion_only_loss", "max_eval_samples"),
         "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
         "training": ("batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
                      "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "eval_steps", "logging_steps"),
-        "speed": ("recipe", "gradient_checkpointing", "fp32_upcast", "fp32_adapter", "mixed_precision"),
+        "speed": ("recipe", "gradient_checkpointing", "fp32_upcast", "fp32_adapter", "mixed_precision",
+                  "check_memory"),
         "output and resume": ("output_dir", "resume", "overwrite_output_dir", "grace_period_seconds"),
         "W&B": ("report_to", "wandb_project"),
         "evaluation": ("humaneval", "humaneval_limit"),
@@ -158,7 +172,7 @@ class TrainArguments:
     def __post_init__(self):
         check_given(model=self.model, dataset=self.dataset, output_dir=self.output_dir,
                     prompt_column=self.prompt_column, completion_column=self.completion_column,
-                    wandb_project=self.wandb_project)
+                    wandb_project=self.wandb_project, dataset_split=self.dataset_split)
         check_positive(batch_size=self.batch_size, max_train_steps=self.max_train_steps, lora_r=self.lora_r,
                        eval_steps=self.eval_steps, logging_steps=self.logging_steps,
                        max_eval_samples=self.max_eval_samples,
@@ -188,6 +202,7 @@ class TrainArguments:
                              f"cannot be used with it")
         self.model = local_path(self.model)
         self.dataset = local_path(self.dataset)
+        self.eval_dataset = local_path(self.eval_dataset) if self.eval_dataset.strip() else ""
 
     @property
     def warmup(self) -> int | float:
@@ -202,6 +217,7 @@ _CLASSIC = dict(fp32_upcast=True, fp32_adapter=True, mixed_precision=True, lora_
 RECIPES = {
     "fast": dict(batch_size=4, seq_length=2048, packing=True),
     "fp8": dict(quantization="fp8", batch_size=4, seq_length=2048, packing=True),
+    "long": dict(quantization="fp8", batch_size=1, seq_length=8192, packing=True),
     "lean": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True),
     "qlora": dict(_CLASSIC, batch_size=8, seq_length=2048, packing=True, gradient_checkpointing=True),
     "tutorial": dict(_CLASSIC, quantization="8bit", dtype="float16", batch_size=1, seq_length=512),

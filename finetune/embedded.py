@@ -1,6 +1,7 @@
-"""The embedded default: a tiny StarCoder (`tiny-starcoder`) and a code data set (`stdlib-code`) built on this machine.
+"""The embedded defaults, built on this machine: tiny models of each supported family (`tiny-starcoder`,
+`tiny-starcoder2`, `tiny-llama`, `tiny-qwen2`) and a code data set (`stdlib-code`).
 
-Nothing here touches the network. Both are written once to a cache directory (`$STARCODER_LORA_CACHE`, default
+Nothing here touches the network. Each is written once to a cache directory (`$STARCODER_LORA_CACHE`, default
 `~/.cache/starcoder-lora`) and are then loaded exactly like a Hub model and a local data file, so the demo and the tests
 go through the same `from_pretrained(..., quantization_config=...)` and `load_dataset` paths as a real run.
 """
@@ -13,7 +14,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-TINY_MODEL = "tiny-starcoder"
 STDLIB_DATASET = "stdlib-code"
 _VERSION = "v2"  # bump when the recipe below changes, so stale caches are rebuilt
 
@@ -23,6 +23,19 @@ STARCODER_SPECIAL_TOKENS = [
     "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
     "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>", "<commit_after>", "<reponame>",
 ]
+# bigcode/starcoder2-15b special_tokens_map.json, in order (id 0 is <|endoftext|>).
+STARCODER2_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>", "<file_sep>",
+    "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+    "<jupyter_output>", "<jupyter_script>", "<empty_output>", "<code_to_intermediate>", "<intermediate_to_code>",
+    "<pr>", "<pr_status>", "<pr_is_merged>", "<pr_base>", "<pr_file>", "<pr_base_code>", "<pr_diff>",
+    "<pr_diff_hunk>", "<pr_comment>", "<pr_event_id>", "<pr_review>", "<pr_review_state>", "<pr_review_comment>",
+    "<pr_in_reply_to_review_id>", "<pr_in_reply_to_comment_id>", "<pr_diff_hunk_comment_line>", "<NAME>", "<EMAIL>",
+    "<KEY>", "<PASSWORD>",
+]
+# Qwen/Qwen2.5-Coder-7B-Instruct tokenizer_config.json's added tokens that code training uses, in order.
+QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
+                        "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 MAX_PAIRS = 3000
 MAX_COMPLETION_CHARS = 1500
 MAX_PROMPT_CHARS = 1200  # every prompt then leaves room for its completion in 512 tokens
@@ -91,33 +104,71 @@ def stdlib_dataset_file() -> Path:
     return _build_once(STDLIB_DATASET, _write_stdlib_pairs) / "stdlib-code.jsonl"
 
 
-def _write_tiny_starcoder(directory: Path) -> None:
+# Each tiny model: its architecture (finetune/architecture.py) with 1,024 positions (StarCoder2's window in its
+# ratio, 16,384 : 4,096), and its tokenizer as the real family's: the special tokens in their order, which of them
+# are bos, eos, unk and pad, and a chat template where the family has one.
+_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+           "{% endif %}")
+TINY_MODELS = {
+    # bigcode/starcoder: <|endoftext|> is bos, eos and unk, and there is no pad token (the scripts set one).
+    "tiny-starcoder": dict(model_type="gpt_bigcode", special_tokens=STARCODER_SPECIAL_TOKENS,
+                           roles=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                      unk_token="<|endoftext|>")),
+    "tiny-starcoder2": dict(model_type="starcoder2", special_tokens=STARCODER2_SPECIAL_TOKENS, sliding_window=256,
+                            roles=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")),
+    # Llama's: <unk>, <s>, </s> first; every text starts with <s>; no FIM tokens (DeepSeek-Coder's and Code Llama's
+    # differ), so it is the tokenizer that FIM training refuses.
+    "tiny-llama": dict(model_type="llama", special_tokens=["<unk>", "<s>", "</s>"], bos_first=True,
+                       roles=dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")),
+    # Qwen2.5-Coder-Instruct's: ChatML turns ending in <|im_end|> (its eos), <|endoftext|> as pad, FIM tokens in bars.
+    "tiny-qwen2": dict(model_type="qwen2", special_tokens=QWEN2_SPECIAL_TOKENS, chat_template=_CHATML,
+                       roles=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")),
+}
+TINY_MODEL = "tiny-starcoder"
+
+
+def _write_tiny_model(name: str, directory: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTBigCodeForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-    from .architecture import starcoder_config
+    from .architecture import config
 
+    recipe = TINY_MODELS[name]
     # A byte-level BPE like StarCoder's, trained on the embedded corpus so code tokenizes into sensible pieces.
     texts = [json.loads(line) for line in open(stdlib_dataset_file(), encoding="utf-8")]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=STARCODER_SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=recipe["special_tokens"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator((t["prompt"] + "\n" + t["completion"] for t in texts), trainer=trainer)
-    # Like StarCoder's: <|endoftext|> is bos, eos and unk, and there is no pad token (the scripts set one).
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", model_max_length=1024,
-                                        additional_special_tokens=STARCODER_SPECIAL_TOKENS[1:])
+    if recipe.get("bos_first"):
+        bos = recipe["roles"]["bos_token"]
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bpe.token_to_id(bos))])
+    roles = recipe["roles"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=1024, **roles,
+                                        additional_special_tokens=[t for t in recipe["special_tokens"]
+                                                                   if t not in roles.values()])
+    tokenizer.chat_template = recipe.get("chat_template")
     tokenizer.save_pretrained(directory)
 
-    # StarCoder's architecture at toy width, with this tokenizer's vocabulary and 1,024 positions.
-    config = starcoder_config("tiny", vocab_size=len(tokenizer), n_positions=1024)
+    # The family's architecture at toy width, with this tokenizer's vocabulary and its special tokens' ids.
+    ids = {key.replace("_token", "_token_id"): tokenizer.convert_tokens_to_ids(token) for key, token in roles.items()
+           if key != "unk_token"}
+    window = {"sliding_window": recipe["sliding_window"]} if "sliding_window" in recipe else {}
+    model_config = config(recipe["model_type"], "tiny", vocab_size=len(tokenizer), **window, **ids)
+    model_config.max_position_embeddings = 1024  # GPTBigCode's n_positions by its attribute map
     torch.manual_seed(0)
-    GPTBigCodeForCausalLM(config).save_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(model_config)
+    stops = [tokenizer.eos_token_id, tokenizer.pad_token_id] if "pad_token" in roles else tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops)
+    model.save_pretrained(directory)
 
 
-def tiny_starcoder_path() -> Path:
-    """`tiny-starcoder`: an ordinary checkpoint directory (config.json, model.safetensors, tokenizer files)."""
-    return _build_once(TINY_MODEL, _write_tiny_starcoder)
+def tiny_model_path(name: str) -> Path:
+    """One of TINY_MODELS: an ordinary checkpoint directory (config.json, model.safetensors, tokenizer files)."""
+    return _build_once(name, lambda directory: _write_tiny_model(name, directory))

@@ -10,19 +10,18 @@ from .data import IGNORE_INDEX, Collator
 
 @torch.no_grad()
 def held_out_loss(model, eval_set, tokenizer, batch_size: int) -> float:
-    """Mean next-token loss per predicted token (padding excluded), over the whole set."""
+    """Mean next-token loss per predicted token (padding excluded), over the whole set: the model's own loss summed
+    (`num_items_in_batch=1`), so the chunked loss (finetune/chunked_loss.py) keeps long examples' logits small."""
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for batch in DataLoader(eval_set, batch_size=batch_size, collate_fn=Collator(tokenizer)):
         batch = {key: value.to(device) for key, value in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
-                                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        tokens += (labels != IGNORE_INDEX).sum().item()
-    return total / max(tokens, 1)
+        total += model(**batch, num_items_in_batch=1).loss.item()
+        tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    if not tokens:
+        raise ValueError("no held-out token to evaluate")  # the callers' check_labels refuses such a set first
+    return total / tokens
 
 
 def compare(model, eval_set, tokenizer, batch_size: int) -> dict[str, float]:

@@ -3,7 +3,6 @@ device, and the adapter on top."""
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -13,17 +12,16 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-from . import embedded, fp8
+from . import architecture, embedded, fp8
 from .errors import UsageError, first_line
 
-# The tutorial's `q_attn` exists only for GPTBigCode cross-attention, so it matches nothing in StarCoder.
-DEFAULT_LORA_TARGETS = {"gpt_bigcode": ["c_attn", "c_proj"]}
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
 # What from_pretrained raises for a path that is not a model, a missing or gated Hub id, or a damaged file.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 def resolve(model: str) -> str:
-    return str(embedded.tiny_starcoder_path()) if model == embedded.TINY_MODEL else model
+    return str(embedded.tiny_model_path(model)) if model in embedded.TINY_MODELS else model
 
 
 def _not_loadable(model: str, error: Exception) -> UsageError:
@@ -165,30 +163,35 @@ def load_quantized(model: str, kind: str):
     return load_model(model, quantization_config(kind, dtype), dtype)
 
 
-def linear_layer_names(config) -> list[str]:
+def linear_layer_names(config) -> tuple[list[str], str]:
     """Distinct names (last path component) of the linear layers of a model with this config, GPT-2's Conv1D
-    included: the names LoRA can target. Read from a skeleton on the meta device, so nothing is loaded."""
+    included: the names LoRA can target; and the output head's. Read from a skeleton on the meta device, so nothing
+    is loaded."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    head = next(name for name, module in skeleton.named_modules() if module is skeleton.get_output_embeddings())
     return sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+                   if isinstance(module, (torch.nn.Linear, Conv1D))}), head.rsplit(".", 1)[-1]
 
 
 def lora_targets(config, requested) -> list[str]:
-    """The layer names to adapt: those asked for (each must exist), or by default the architecture's."""
-    available = linear_layer_names(config)
+    """The layer names to adapt: those asked for (each must exist; `all-linear` is every linear layer but the output
+    head), or by default the architecture's (finetune/architecture.py; else peft's own default for it)."""
+    available, head = linear_layer_names(config)
+    if set(requested or ()) == {ALL_LINEAR}:
+        return [name for name in available if name != head]
     if requested:
         unknown = sorted(set(requested) - set(available))
         if unknown:
             raise UsageError(f"LoRA targets {unknown} match no layer of this model; its linear layers are "
                              f"{available} (pass them with --lora_target_modules)")
         return sorted(requested)
-    targets = DEFAULT_LORA_TARGETS.get(config.model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+    targets = architecture.lora_targets(config.model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
         config.model_type, [])
     if not set(targets) & set(available):
         raise UsageError(f"no default LoRA targets for {config.model_type!r}; its linear layers are {available} "
                          f"(pass them with --lora_target_modules)")
-    return list(targets)
+    return [name for name in targets if name in available]
 
 
 def add_lora(model, config: LoraConfig, fp32_upcast: bool = False, gradient_checkpointing: bool = False,
@@ -199,16 +202,13 @@ def add_lora(model, config: LoraConfig, fp32_upcast: bool = False, gradient_chec
     (norms, embeddings, the tied LM head); each forward then casts them back to 16 bits. `fp32_adapter`: LoRA
     weights in fp32 (peft's default) rather than the model's dtype; fp16 needs them, for its loss scaler.
     """
-    with warnings.catch_warnings():
-        # peft 0.21 reads `is_gradient_checkpointing`, which transformers 5.2x deprecated: not ours to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        if getattr(model, "hf_quantizer", None) is not None and fp32_upcast:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        elif gradient_checkpointing:
-            # non-reentrant (transformers' default): frozen inputs are fine. Renamed in transformers 5.2x.
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
-        return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter or model.dtype == torch.float16)
+    if getattr(model, "hf_quantizer", None) is not None and fp32_upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        # non-reentrant (transformers' default): frozen inputs are fine. Renamed in transformers 5.2x.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter or model.dtype == torch.float16)
 
 
 def load_adapter(base, adapter: str, base_name: str):

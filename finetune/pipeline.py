@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig, set_seed
 
-from . import attention, checkpointing, chunked_loss, data, fp8, modeling
+from . import attention, checkpointing, chunked_loss, data, fp8, memory, modeling
 from .cli import TrainArguments
 
 
@@ -35,17 +35,25 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
     config = modeling.check_model(args.model, args.seq_length, token)
     lora = dataclasses.replace(lora, target_modules=modeling.lora_targets(config, lora.target_modules))
+    memory.check(args, config, lora.target_modules, chunked_loss=not modeling.fsdp_enabled())
     tokenizer = modeling.load_tokenizer(args.model, token)
 
-    examples = data.load_examples(args.dataset, args.prompt_column, args.completion_column, token)
-    completion_only = data.has_prompts(examples) if args.completion_only_loss is None else args.completion_only_loss
-    train_set, eval_set = data.split(examples, args.max_eval_samples, args.seed)
+    train_examples, eval_examples, data_format = data.load_splits(
+        args.dataset, args.prompt_column, args.completion_column, tokenizer, token, args.max_eval_samples, args.seed,
+        args.dataset_split, args.eval_dataset, args.eval_split)
+    completion_only = data.has_prompts(train_examples) if args.completion_only_loss is None \
+        else args.completion_only_loss
     per_example = args.packing and args.packed_attention == "per_example"
-    train_set = data.tokenize(train_set, tokenizer, args.seq_length, args.packing, completion_only, per_example)
-    eval_set = data.tokenize(eval_set, tokenizer, args.seq_length, completion_only=completion_only)
+    append_eos = data_format != "chat_template"  # a chat template ends each turn itself
+    train_set = data.tokenize(train_examples, tokenizer, args.seq_length, args.packing, completion_only, per_example,
+                              append_eos)
+    eval_set = data.tokenize(eval_examples, tokenizer, args.seq_length, completion_only=completion_only,
+                             append_eos=append_eos)
     data.check_labels(train_set, "packed training blocks" if args.packing else "training examples", args.seq_length)
     data.check_labels(eval_set, "held-out examples", args.seq_length)
-    run_config = checkpointing.comparable(args, data.fingerprint(examples))
+    data.warn_if_few_held_out(len(eval_set))
+    run_config = {**checkpointing.comparable(args, data.fingerprint(train_examples, eval_examples)),
+                  "data_format": data_format}
     resume_from = checkpointing.claim(args, run_config)  # --resume auto: the newest intact checkpoint of this run
 
     model = model_for_training(args, quantization, lora, args.model, per_example, tokenizer.pad_token_id, token=token)
@@ -70,5 +78,5 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the
     # chunked loss's own forward would not go through.
     if not modeling.fsdp_enabled() and not any(p.requires_grad for p in model.get_output_embeddings().parameters()):
-        chunked_loss.use_in_training(model.get_base_model())
+        chunked_loss.use(model.get_base_model())
     return model

@@ -86,7 +86,7 @@ def test_speedups_single_run_uses_its_knobs(tmp_path):
 def test_embedded_model_has_starcoders_architecture():
     from transformers import AutoConfig
 
-    path = embedded.tiny_starcoder_path()
+    path = embedded.tiny_model_path("tiny-starcoder")
     config = AutoConfig.from_pretrained(path)
     assert config.model_type == "gpt_bigcode" and config.multi_query
     assert config.activation_function == "gelu_pytorch_tanh"

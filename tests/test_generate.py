@@ -26,14 +26,14 @@ def trained(tmp_path_factory):
     args = tiny_args(root / "out", dataset=str(dataset), batch_size=2, max_train_steps=150, eval_steps=50,
                      logging_steps=50, learning_rate=1e-2, quantization="none")
     trainer = base_example.main(args)
-    trained_texts, _ = data.split(data.load_examples(str(dataset)), args.max_eval_samples, args.seed)
+    trained_texts, _ = data.split(data.load_examples(str(dataset))[0], args.max_eval_samples, args.seed)
     return args, trainer, trained_texts
 
 
 def test_generation_returns_the_memorised_completions(trained):
     args, _, texts = trained
-    prompts = [prompt.removeprefix("Question: ").removesuffix("\n\nAnswer:") for prompt in texts["prompt"]]
-    expected = [completion.removeprefix(" ") for completion in texts["completion"]]
+    prompts = [prompt.removeprefix("Question: ").removesuffix("\n\nAnswer:") for prompt, _ in texts["segments"]]
+    expected = [completion.removeprefix(" ") for _, completion in texts["segments"]]
     options = GenerateArguments(adapter=args.output_dir, quantization="none", prompt=prompts, max_new_tokens=24)
     assert generate.main(options)["completions"] == expected
 
@@ -88,6 +88,7 @@ def test_evaluate_uses_the_runs_own_data_unless_told(trained, capsys):
     assert capsys.readouterr().out.startswith(f"{args.dataset}: held-out loss: base ")
     other = generate.main(GenerateArguments(adapter=args.output_dir, quantization="none", evaluate=True,
                                             dataset="stdlib-code", seq_length=64, max_eval_samples=4))
-    assert capsys.readouterr().out.startswith("stdlib-code: held-out loss: base ")
+    # (after a warning that some of stdlib-code's examples keep no completion token within 64 tokens)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("stdlib-code: held-out loss: base ")
     assert own["evaluation"]["adapter_loss"] < own["evaluation"]["base_loss"] - 1.0  # it memorised its own data
     assert other["evaluation"] != own["evaluation"]

@@ -18,8 +18,7 @@ PAIRS = [("Add one to x.", "def inc(x):\n    return x + 1"), ("Double x.", "def 
 def pair_examples():
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": [data.format_prompt(p) for p, _ in PAIRS],
-                              "completion": [" " + c for _, c in PAIRS]})
+    return Dataset.from_dict({"segments": [[data.format_prompt(p), " " + c] for p, c in PAIRS]})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,7 @@ def test_completion_only_labels_and_loss(tokenizer, model):
     completion_only = data.tokenize(examples, tokenizer, seq_length=512, completion_only=True)
     assert full["input_ids"] == completion_only["input_ids"]
     for row, pair in zip(completion_only, examples):
-        prompt_tokens = len(tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(tokenizer(pair["segments"][0], add_special_tokens=False)["input_ids"])
         assert row["labels"][:prompt_tokens] == [IGNORE_INDEX] * prompt_tokens
         assert row["labels"][prompt_tokens:] == row["input_ids"][prompt_tokens:]
     batch = data.Collator(tokenizer)([completion_only[i] for i in range(3)])
@@ -96,13 +95,13 @@ def no_dropout_model(tmp_path_factory) -> str:
     """The embedded model's architecture without dropout, so that micro-batches and one batch draw no masks."""
     from transformers import GPTBigCodeForCausalLM
 
-    from finetune.architecture import starcoder_config
+    from finetune import architecture
 
     directory = tmp_path_factory.mktemp("no-dropout")
     tokenizer = modeling.load_tokenizer("tiny-starcoder")
     torch.manual_seed(0)
-    config = starcoder_config("tiny", vocab_size=len(tokenizer), n_positions=1024, attn_pdrop=0.0, resid_pdrop=0.0,
-                              embd_pdrop=0.0)
+    config = architecture.config("gpt_bigcode", "tiny", vocab_size=len(tokenizer), attn_pdrop=0.0, resid_pdrop=0.0,
+                                 embd_pdrop=0.0)
     GPTBigCodeForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
@@ -137,16 +136,16 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, no_dropout_model
 
 
 def test_chunked_loss_equals_the_models_own(monkeypatch):
-    from finetune.architecture import starcoder_config
+    from finetune import architecture
     from transformers import GPTBigCodeForCausalLM
 
     monkeypatch.setattr(chunked_loss, "CHUNK_TOKENS", 7)  # several chunks, one of them partial
     torch.manual_seed(0)
-    reference = GPTBigCodeForCausalLM(starcoder_config("tiny", vocab_size=256, attn_pdrop=0.0, resid_pdrop=0.0,
-                                                       embd_pdrop=0.0)).train()
+    reference = GPTBigCodeForCausalLM(architecture.config("gpt_bigcode", "tiny", vocab_size=256, attn_pdrop=0.0,
+                                                          resid_pdrop=0.0, embd_pdrop=0.0)).train()
     chunked = GPTBigCodeForCausalLM(reference.config).train()
     chunked.load_state_dict(reference.state_dict())
-    chunked_loss.use_in_training(chunked)
+    chunked_loss.use(chunked)
     ids = torch.randint(0, 256, (2, 12))
     labels = ids.clone()
     labels[0, :5] = IGNORE_INDEX
@@ -172,9 +171,8 @@ def test_flops_counter_charges_attention_per_packed_example(tokenizer, model):
     with torch.no_grad():
         model(input_ids=torch.zeros_like(positions), position_ids=positions)
     model.eval()
-    tokens, squares, examples = callback.counts.tolist()
+    tokens, examples, squares = callback.counts.tolist()
     assert (tokens, squares, examples) == (10, 3**2 + 2**2 + 5**2, 3)
     expected = sum(n * flops_per_token(model, n).model for n in (3, 2, 5))
-    assert callback.model_coefficients[0] * tokens + callback.model_coefficients[1] * squares == \
-        pytest.approx(expected)
+    assert callback.flops_of(tokens, [squares])[0] == pytest.approx(expected)
     callback.on_train_end(args, state, TrainerControl())

@@ -35,7 +35,7 @@ def _write(path: Path, text: str) -> str:
 def broken(tmp_path_factory) -> Path:
     """Damaged and unsuitable inputs, made once: model directories and data files."""
     root = tmp_path_factory.mktemp("broken")
-    tiny = embedded.tiny_starcoder_path()
+    tiny = embedded.tiny_model_path("tiny-starcoder")
     for name, damage in (("truncated", lambda data: data[:1000]), ("bad-header", lambda data: b"\xff" * 64),
                          ("cut-short", lambda data: data[:-10])):
         shutil.copytree(tiny, root / name)

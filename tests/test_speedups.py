@@ -77,7 +77,7 @@ def test_memory_budget_recommendation_uses_only_fitting_runs():
 
 def test_packing_makes_full_blocks_and_loses_only_the_last_partial_one():
     tokenizer = modeling.load_tokenizer("tiny-starcoder")
-    texts = data.load_examples("stdlib-code").select(range(200))
+    texts = data.load_examples("stdlib-code")[0].select(range(200))
     padded = data.tokenize(texts, tokenizer, seq_length=10**6)  # no truncation: every token, EOS included
     total = sum(len(ids) for ids in padded["input_ids"])
     packed = data.tokenize(texts, tokenizer, seq_length=128, packing=True, per_example=False)
@@ -90,7 +90,7 @@ def test_packing_makes_full_blocks_and_loses_only_the_last_partial_one():
 
 def test_padding_is_masked_out_of_the_labels():
     tokenizer = modeling.load_tokenizer("tiny-starcoder")
-    encoded = data.tokenize(data.load_examples("stdlib-code").select(range(4)), tokenizer, seq_length=64)
+    encoded = data.tokenize(data.load_examples("stdlib-code")[0].select(range(4)), tokenizer, seq_length=64)
     assert all(ids[-1] == tokenizer.eos_token_id or len(ids) == 64 for ids in encoded["input_ids"])
     batch = data.Collator(tokenizer)([encoded[i] for i in range(4)])
     padding = batch["attention_mask"] == 0

@@ -1,0 +1,135 @@
+"""Will it fit? The GPU memory a training run needs, estimated from the model's config before any weight loads, so a
+run that cannot fit says what to change instead of failing with an out-of-memory error after minutes of loading.
+
+The estimate (GiB, and what is in it):
+- frozen weights: linear layers at their storage size (NF4 with double quantization 0.52 bytes a weight: 4 bits and
+  its block scales; LLM.int8 and FP8 1; a 16-bit base 2), everything else (embeddings, norms, biases, and the output
+  head, which bitsandbytes leaves unquantized) in the compute dtype, or fp32 with --fp32_upcast. An FP8 base loads
+  in bf16 first: that is its peak while loading;
+- LoRA: weights, gradients and AdamW's two fp32 moments;
+- activations kept for the backward, per token and layer: about 6.5 x hidden + 2 x the MLP width (4 with a gated
+  MLP) values of 2 bytes (layer-norm inputs and outputs, q/k/v, the attention output, the MLP's pre- and
+  post-activation; calibrated on StarCoder-15B at 4 x 2048 and 8 x 2048 tokens on an H200, docs/PERFORMANCE.md);
+  with activation checkpointing each layer keeps only its input, and one layer's activations are rebuilt at a time;
+  with --fp32_upcast they are fp32;
+- the loss: the chunked head's logits for 2,048 tokens at a time (bf16 logits, their fp32 copy and gradient), or
+  every token's without it (FSDP);
+- the backward's largest activation gradients, and 1.5 GiB for the CUDA context and the allocator's slack.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from .errors import UsageError
+
+GIB = 2**30
+WEIGHT_BYTES = {"4bit": 0.52, "8bit": 1.0, "fp8": 1.0, "none": 2.0}
+HIDDEN_VALUES, MLP_VALUES = 6.5, 2.0  # activation values kept per token and layer, in hiddens and MLP widths
+OVERHEAD_GIB = 1.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate reads off a model's config (through a skeleton on the meta device: nothing loads)."""
+    linear: int  # weights of the linear layers bitsandbytes and FP8 quantize
+    head: int  # weights of the output head
+    tied: bool  # the head is the input embedding's weight
+    other: int  # every other parameter: embeddings, norms, biases
+    lora: int  # LoRA weights at the run's rank and targets
+    layers: int
+    hidden: int
+    mlp: int  # the MLP's inner width, doubled for a gated MLP (gate and up projections)
+    vocab: int
+
+
+def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    head = skeleton.get_output_embeddings()
+    tied = head.weight is skeleton.get_input_embeddings().weight
+    linear = lora = 0
+    names = {module: name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()}
+    for module in skeleton.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+            linear += module.weight.numel()
+            if names[module] in lora_targets:
+                lora += lora_r * sum(module.weight.shape)
+    total = sum(p.numel() for p in skeleton.parameters())
+    gated = any(name in ("gate_proj", "w1") for name in names.values())
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    return Shape(linear=linear, head=head.weight.numel(), tied=tied,
+                 other=total - linear - (0 if tied else head.weight.numel()), lora=lora,
+                 layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=inner * (2 if gated else 1),
+                 vocab=config.vocab_size)
+
+
+def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointing: bool,
+             fp32_upcast: bool = False, chunked_loss: bool = True) -> dict[str, float]:
+    """GiB by component, and `total`: the peak of a training step (or of loading, where that is higher)."""
+    compute = 4 if fp32_upcast else 2
+    # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
+    head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
+    weights = shape.linear * WEIGHT_BYTES[quantization] + shape.head * head_bytes + shape.other * compute
+    tokens = batch_size * seq_length
+    # bytes per token; with fp32 norms (--fp32_upcast) the residual stream and what it feeds are fp32
+    per_layer = compute * (HIDDEN_VALUES * shape.hidden + MLP_VALUES * shape.mlp)
+    if checkpointing:
+        activations = tokens * (shape.layers * compute * shape.hidden + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    loss_tokens = min(tokens, 2048) if chunked_loss else tokens
+    parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
+             "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2}
+    parts = {name: value / GIB for name, value in parts.items()}
+    step = sum(parts.values()) + OVERHEAD_GIB
+    loading = (shape.linear + shape.head * (not shape.tied) + shape.other) * 2 / GIB + OVERHEAD_GIB \
+        if quantization == "fp8" else 0
+    return {**parts, "total": max(step, loading)}
+
+
+def device_gib() -> float | None:
+    """This process's GPU's memory, under the cap a memory budget set; None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    from .modeling import device
+
+    gpu = device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda gpu: 1.0)(gpu)  # torch 2.8 and newer
+    return torch.cuda.get_device_properties(gpu).total_memory / GIB * fraction
+
+
+def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> dict | None:
+    """Refuse, before anything loads, a run whose estimate exceeds the GPU's memory, naming the changes that would
+    fit. Returns the estimate (None on the CPU, or with --check_memory false)."""
+    available = device_gib()
+    if available is None or not args.check_memory:
+        return None
+    shape = shape_of(config, args.lora_r, lora_targets)
+    settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
+                    checkpointing=args.gradient_checkpointing, fp32_upcast=args.fp32_upcast)
+    needed = estimate(shape, **settings, chunked_loss=chunked_loss)
+    if needed["total"] <= available:
+        return needed
+    def fitting(changes: dict[str, dict]) -> list[str]:
+        found = []
+        for flags, change in changes.items():
+            total = estimate(shape, **{**settings, **change}, chunked_loss=chunked_loss)["total"]
+            if {**settings, **change} != settings and total <= available:
+                found.append(f"{flags} (about {math.ceil(total)} GiB)")
+        return found
+
+    smaller = sorted({args.batch_size // 2, 1} - {0, args.batch_size}, reverse=True)
+    found = fitting({"--gradient_checkpointing": dict(checkpointing=True),
+                     **{f"--batch_size {b}": dict(batch_size=b) for b in smaller},
+                     "--quantization 4bit": dict(quantization="4bit")}) or \
+        fitting({"--gradient_checkpointing --quantization 4bit": dict(checkpointing=True, quantization="4bit"),
+                 "--gradient_checkpointing --batch_size 1": dict(checkpointing=True, batch_size=1)})
+    advice = f"; this would fit: {' or '.join(found)}" if found else "; nothing simple fits: use a smaller model"
+    raise UsageError(f"this run needs about {needed['total']:.0f} GiB of GPU memory ({args.batch_size} x "
+                     f"{args.seq_length} tokens, {args.quantization} base, activation checkpointing "
+                     f"{'on' if args.gradient_checkpointing else 'off'}) and the GPU has {available:.0f} GiB"
+                     f"{advice}; --check_memory false tries anyway")

@@ -1,0 +1,212 @@
+"""The StarCoder family as users have it, and its neighbours: StarCoder2 (grouped-query attention, rotary positions, a
+sliding window), a Llama-architecture and a Qwen2 code model, each through every script on its embedded tiny model;
+full-length context and the memory check."""
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import base_with_tflops
+import generate
+from conftest import tiny_args
+from finetune import architecture, attention, cli, memory, modeling
+from finetune.cli import TrainArguments
+from flops_counter import TFLOPSCallback, flops_per_token, span
+
+FAMILIES = {"tiny-starcoder2": "starcoder2", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def trained(request, tmp_path_factory):
+    """A packed run with TFLOP/s on the family's tiny model."""
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    args = tiny_args(out, model=request.param, packing=True, max_train_steps=4, eval_steps=4)
+    trainer = base_with_tflops.main(args)
+    return request.param, args, trainer
+
+
+def test_each_family_trains_packed_with_its_default_lora_targets_and_reports_tflops(trained):
+    name, args, trainer = trained
+    targets = architecture.FAMILIES[FAMILIES[name]].lora_targets
+    adapted = {n.rsplit(".", 1)[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_modules() if n.endswith(
+        ".lora_A")}
+    assert adapted == set(targets), adapted  # every default target exists in the model, and only those are adapted
+    assert all(row["loss"] > 0 for row in trainer.state.log_history if "loss" in row)
+    logged = [row for row in trainer.state.log_history if "model_tflops" in row]
+    assert logged and all(row["model_tflops"] > 0 for row in logged)
+
+
+def test_each_family_generates_evaluates_and_merges(trained, tmp_path):
+    name, args, _ = trained
+    options = generate.GenerateArguments(adapter=args.output_dir, quantization="none", prompt=["Add one to x."],
+                                         max_new_tokens=4, evaluate=True, max_eval_samples=4)
+    results = generate.main(options)
+    assert len(results["completions"]) == 1 and results["evaluation"]["adapter_loss"] > 0
+    merged = generate.main(generate.GenerateArguments(adapter=args.output_dir, merge=True,
+                                                      merged_dir=str(tmp_path / "merged")))
+    reloaded = modeling.load_quantized(str(tmp_path / "merged"), "none").eval()
+    ids = torch.randint(5, 4000, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
+    assert type(reloaded).__name__.lower().startswith(FAMILIES[name].replace("_", ""))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_family_trains_padded(tmp_path, name):
+    trainer = base_with_tflops.main(tiny_args(tmp_path / "out", model=name, max_train_steps=2, eval_steps=2))
+    assert "position_ids" not in trainer.train_dataset.column_names
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_packed_example_sees_only_itself_in_every_family(name):
+    model = modeling.load_quantized(name, "none").eval()
+    if name == "tiny-starcoder2":
+        model.config.sliding_window = 16  # shorter than the example and the block: the window must apply
+    attention.use(model)
+    first, second = torch.randint(5, 4000, (1, 20)), torch.randint(5, 4000, (1, 40))
+    block = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(20), torch.arange(40)])[None]
+    with torch.no_grad():
+        together = model(input_ids=block, position_ids=positions).logits[0, 20:]
+        alone = model(input_ids=second).logits[0]
+        assert torch.allclose(together, alone, atol=1e-4), (together - alone).abs().max()
+        if name == "tiny-starcoder2":
+            model.config.sliding_window = None
+            assert not torch.allclose(model(input_ids=second).logits[0], alone, atol=1e-3), "the window is applied"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length FlashAttention kernel needs a GPU")
+def test_packed_starcoder2_on_the_gpu_kernel_keeps_examples_apart_within_the_window():
+    from finetune import data
+
+    model = modeling.load_quantized("tiny-starcoder2", "none").eval().to(torch.bfloat16)
+    model.config.sliding_window = 16
+    attention.use(model)
+    assert attention._varlen() is not None
+    first, second = torch.randint(5, 4000, (20,)).tolist(), torch.randint(5, 4000, (40,)).tolist()
+    features = [{"input_ids": first + second, "labels": first + second,
+                 "position_ids": list(range(20)) + list(range(40))}]
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in data.Collator(None)(features).items()}
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits[0, 20:].float()
+        alone = model(input_ids=torch.tensor([second], device="cuda")).logits[0].float()  # SDPA with the window
+    assert torch.allclose(packed, alone, atol=0.05, rtol=0.05), (packed - alone).abs().max()
+
+
+CONFIGS = {name: architecture.config(family, "tiny", vocab_size=256, num_hidden_layers=2)
+           for family, name in [("starcoder2", "starcoder2"), ("llama", "llama"), ("qwen2", "qwen2")]}
+
+
+@pytest.mark.parametrize("name,checkpointing", list(itertools.product(CONFIGS, [False, True])))
+def test_flops_count_matches_flop_counter_mode_for_each_family(name, checkpointing):
+    model = with_lora(CONFIGS[name])
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    model.train()
+    seq = 32
+    ids = torch.randint(0, 256, (2, seq))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    ours = flops_per_token(model, seq, gradient_checkpointing=checkpointing)
+    attention_flops = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
+    recomputed = ours.breakdown["attention_forward"] if checkpointing else 0.0  # FlopCounterMode: full attention
+    assert counter.get_total_flops() / (2 * seq) == pytest.approx(ours.hardware + attention_flops + recomputed,
+                                                                  rel=0.01)
+
+
+def with_lora(config):
+    """The config's model with random weights, eager attention (FlopCounterMode counts its matmuls) and LoRA on the
+    family's default targets."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return get_peft_model(model, modeling.lora_config(4, 8, 0.0, ",".join(modeling.lora_targets(config, None))))
+
+
+def test_a_sliding_window_is_charged_by_the_positions_each_token_sees():
+    seq, window = 64, 16
+    config = architecture.config("starcoder2", "tiny", vocab_size=256, num_hidden_layers=2, sliding_window=window)
+    model = with_lora(config).eval()
+    with torch.no_grad():
+        probabilities = model(input_ids=torch.randint(0, 256, (1, seq)), output_attentions=True).attentions[0]
+    seen = (probabilities[0, 0] > 0).sum(dim=-1)  # the positions each query actually attends to
+    assert seen.tolist() == [min(p + 1, window) for p in range(seq)]
+    assert span(seq, window) * seq == 2 * seen.sum().item() - seq  # the diagonal counts half, as causal attention
+    windowed = flops_per_token(model, seq)
+    config.sliding_window = None
+    unwindowed = flops_per_token(model, seq)
+    for part in ("attention_forward", "attention_backward"):
+        assert windowed.breakdown[part] == pytest.approx(unwindowed.breakdown[part] * span(seq, window) / seq)
+    assert windowed.breakdown["linear_forward"] == unwindowed.breakdown["linear_forward"]
+    assert windowed.model < unwindowed.model
+
+
+def test_the_callback_charges_packed_examples_by_their_window():
+    model = modeling.load_quantized("tiny-starcoder2", "none")  # its window: 256 positions
+    model.config.sliding_window = 16
+    callback = TFLOPSCallback(warmup_steps=0)
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args, state = TrainingArguments(output_dir="unused", use_cpu=True), TrainerState()
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    model.train()
+    positions = torch.cat([torch.arange(20), torch.arange(40)])[None]
+    with torch.no_grad():
+        model(input_ids=torch.zeros_like(positions), position_ids=positions)
+    callback.on_train_end(args, state, TrainerControl())
+    tokens, examples, spans = callback.counts.tolist()
+    assert (tokens, examples) == (60, 2) and callback.windows == [16]
+    assert spans == pytest.approx(span(20, 16) * 20 + span(40, 16) * 40)
+    expected = sum(n * flops_per_token(model, n).model for n in (20, 40))
+    assert callback.flops_of(tokens, [spans])[0] == pytest.approx(expected)
+
+
+def test_seq_length_at_the_models_limit_trains_and_one_past_it_is_refused(tmp_path, capsys):
+    trainer = base_with_tflops.main(tiny_args(tmp_path / "out", model="tiny-starcoder2", seq_length=1024,
+                                              packing=True, batch_size=1, max_train_steps=1, eval_steps=1,
+                                              max_eval_samples=2))
+    assert len(trainer.train_dataset[0]["input_ids"]) == 1024
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(base_with_tflops.main, TrainArguments, argv=["--model", "tiny-starcoder2", "--dataset", "stdlib-code",
+                                                             "--seq_length", "1025", "--output_dir",
+                                                             str(tmp_path / "past")])
+    assert exit_info.value.code == 2
+    assert "--seq_length 1025 is above 'tiny-starcoder2''s maximum of 1024 positions" in capsys.readouterr().err
+
+
+def test_the_memory_estimate_names_what_would_fit(monkeypatch):
+    monkeypatch.setattr(memory, "device_gib", lambda: 79.6)  # an 80 GB card: there is no GPU here
+    config = architecture.config("starcoder2", "15b")
+    targets = modeling.lora_targets(config, None)
+    long = TrainArguments(model="tiny-starcoder2", quantization="4bit", batch_size=1, seq_length=16384,
+                          packing=True)
+    with pytest.raises(cli.UsageError) as refused:
+        memory.check(long, config, targets)
+    message = str(refused.value)
+    assert "needs about 12" in message and "the GPU has 80 GiB" in message
+    assert "this would fit: --gradient_checkpointing (about" in message and "--check_memory false" in message
+    checkpointed = TrainArguments(model="tiny-starcoder2", batch_size=1, seq_length=16384, packing=True,
+                                  gradient_checkpointing=True)
+    assert memory.check(checkpointed, config, targets)["total"] < 40
+    short = TrainArguments(model="tiny-starcoder2", batch_size=4, seq_length=2048, packing=True)
+    assert memory.check(short, config, targets)["total"] < 79.6
+
+
+def test_a_run_that_cannot_fit_is_refused_before_anything_loads_or_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(memory, "device_gib", lambda: 2.0)
+    argv = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--seq_length", "1024", "--batch_size", "512",
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(base_with_tflops.main, TrainArguments, argv=argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: this run needs about ") and "--batch_size 1" in line, line
+    assert not (tmp_path / "out").exists()
