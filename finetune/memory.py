@@ -7,9 +7,10 @@ The estimate (GiB, and what is in it):
   head, which bitsandbytes leaves unquantized) in the compute dtype, or fp32 with --fp32_upcast. An FP8 base loads
   in bf16 first: that is its peak while loading;
 - LoRA: weights, gradients and AdamW's two fp32 moments;
-- activations kept for the backward, per token and layer: about 6.5 x hidden + 2 x the MLP width (4 with a gated
-  MLP) values of 2 bytes (layer-norm inputs and outputs, q/k/v, the attention output, the MLP's pre- and
-  post-activation; calibrated on StarCoder-15B at 4 x 2048 and 8 x 2048 tokens on an H200, docs/PERFORMANCE.md);
+- activations kept for the backward, per token and layer: about 6 x hidden values of 2 bytes (layer-norm inputs
+  and outputs, q/k/v, the attention output), the MLP's pre-activation (gate and up with a gated MLP), and its
+  post-activation too where LoRA adapts the down projection, which needs its input (calibrated on StarCoder-15B,
+  LoRA on c_attn and c_proj, and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200: docs/PERFORMANCE.md);
   with activation checkpointing each layer keeps only its input, and one layer's activations are rebuilt at a time;
   with --fp32_upcast they are fp32;
 - the loss: the chunked head's logits for 2,048 tokens at a time (bf16 logits, their fp32 copy and gradient), or
@@ -28,7 +29,7 @@ from .errors import UsageError
 
 GIB = 2**30
 WEIGHT_BYTES = {"4bit": 0.52, "8bit": 1.0, "fp8": 1.0, "none": 2.0}
-HIDDEN_VALUES, MLP_VALUES = 6.5, 2.0  # activation values kept per token and layer, in hiddens and MLP widths
+HIDDEN_VALUES = 6.0  # activation values kept per token and layer, in hiddens (besides the MLP's)
 OVERHEAD_GIB = 1.5
 
 
@@ -43,6 +44,7 @@ class Shape:
     layers: int
     hidden: int
     mlp: int  # the MLP's inner width, doubled for a gated MLP (gate and up projections)
+    mlp_kept: int  # the MLP activation values kept per token: its pre-activations, and the post-activation if adapted
     vocab: int
 
 
@@ -59,12 +61,14 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
             if names[module] in lora_targets:
                 lora += lora_r * sum(module.weight.shape)
     total = sum(p.numel() for p in skeleton.parameters())
-    gated = any(name in ("gate_proj", "w1") for name in names.values())
+    mlp = next(module for name, module in skeleton.named_modules() if name.endswith(".mlp"))
+    projections = [names[m] for m in mlp.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    widened = inner * (len(projections) - 1)  # c_fc; or gate and up
     return Shape(linear=linear, head=head.weight.numel(), tied=tied,
                  other=total - linear - (0 if tied else head.weight.numel()), lora=lora,
-                 layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=inner * (2 if gated else 1),
-                 vocab=config.vocab_size)
+                 layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=widened,
+                 mlp_kept=widened + inner * (projections[-1] in lora_targets), vocab=config.vocab_size)
 
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointing: bool,
@@ -76,7 +80,7 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     weights = shape.linear * WEIGHT_BYTES[quantization] + shape.head * head_bytes + shape.other * compute
     tokens = batch_size * seq_length
     # bytes per token; with fp32 norms (--fp32_upcast) the residual stream and what it feeds are fp32
-    per_layer = compute * (HIDDEN_VALUES * shape.hidden + MLP_VALUES * shape.mlp)
+    per_layer = compute * (HIDDEN_VALUES * shape.hidden + shape.mlp_kept)
     if checkpointing:
         activations = tokens * (shape.layers * compute * shape.hidden + per_layer)
     else:
