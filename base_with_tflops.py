@@ -7,12 +7,14 @@ The same fine-tune as base_example.py, with flops_counter.TFLOPSCallback added t
 credentials the run is logged offline under --output_dir (`wandb sync` uploads it later).
 """
 
-from finetune import cli, pipeline, training
+from finetune import cli
 from finetune.cli import TrainArguments
-from flops_counter import TFLOPSCallback
 
 
 def main(args: TrainArguments):
+    from finetune import pipeline, training  # the libraries load once the arguments are valid: --help answers at once
+    from flops_counter import TFLOPSCallback
+
     run = pipeline.prepare(args)  # Part 1's data, quantized base and LoRA
     tflops = TFLOPSCallback()
     trainer = training.build_trainer(args, run, callbacks=[tflops])

@@ -1,31 +1,28 @@
-"""Use what was trained: generate with base + adapter, compare it with the base (held-out loss, HumanEval), or merge.
+"""Use what was trained: generate with base + adapter, fill in the middle as an editor asks, compare the adapter with
+the base (held-out loss, HumanEval, HumanEval infilling), or merge it into a standalone model.
 
     python generate.py --adapter outputs --prompt "Write a function that reverses a string."
-    python generate.py --adapter outputs --humaneval --humaneval_limit 20      # pass@1, base vs base + adapter
+    python generate.py --adapter outputs --prefix "def add(a, b):\n    " --suffix "\n    return c\n"   # infilling
 
 More: `--prompts_file FILE --do_sample --temperature 0.2`; `--evaluate` (held-out loss on the run's own data, from
-its run_config.json, or on `--dataset`); `--merge --merged_dir merged` (a standalone model).
+its run_config.json, or on `--dataset`); `--humaneval`, `--humaneval_infilling` (`--humaneval_limit N`);
+`--merge --merged_dir merged` (a standalone model).
 
 The base defaults to the one the adapter was trained on (its adapter_config.json), quantized as in training.
-Prompts are wrapped in the training format, `Question: ...\\n\\nAnswer:`; HumanEval's prompts are code and are
-completed as they are. Merging loads the base unquantized (bf16 on GPUs that have it, else fp16, fp32 on the CPU):
-folding LoRA into 4-bit or 8-bit weights would round the update away, so a merged quantized model is not the model
-you trained.
+Prompts are wrapped as the run trained: `Question: ...\n\nAnswer:`, the tokenizer's chat template for a run on
+conversations, or as they are for a run on code; HumanEval's prompts are code and are completed as they are.
+Infilling (`--prefix`/`--suffix`, or `--prefix_file`/`--suffix_file`) prints the base's middle beside the
+adapter's. Merging loads the base unquantized (bf16 on GPUs that have it, else fp16, fp32 on the CPU): folding LoRA
+into 4-bit or 8-bit weights would round the update away, so a merged quantized model is not the model you trained.
 """
 
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import torch
-
-from finetune import checkpointing, cli, data, evaluation, humaneval, modeling
-from finetune.errors import UsageError, first_line
+from finetune import cli
+from finetune.errors import UsageError
 
 
 @dataclass
@@ -41,9 +38,16 @@ class GenerateArguments:
     temperature: float = field(default=0.2, metadata={"help": "Sampling temperature (with --do_sample, or "
                                                               "--num_samples above 1)."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass (with sampling)."})
+    prefix: str = field(default="", metadata={"help": "Code before the cursor: fill in the middle (with --suffix)."})
+    suffix: str = field(default="", metadata={"help": "Code after the cursor."})
+    prefix_file: str = field(default="", metadata={"help": "A UTF-8 file holding the code before the cursor."})
+    suffix_file: str = field(default="", metadata={"help": "A UTF-8 file holding the code after the cursor."})
     evaluate: bool = field(default=False, metadata={"help": "Print held-out loss/perplexity: base vs base + adapter."})
     dataset: str = field(default="", metadata={
         "help": "Data set for --evaluate; default: the run's own (its run_config.json), with its columns."})
+    prompt_column: str = field(default="", metadata={"help": "With --dataset: its prompt column (default: prompt)."})
+    completion_column: str = field(default="", metadata={"help": "With --dataset: its completion column (default: "
+                                                                 "completion)."})
     seq_length: int | None = field(default=None, metadata={"help": "With --evaluate: tokens per example; default: "
                                                                    "the run's."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "With --evaluate; default: the run's."})
@@ -52,6 +56,9 @@ class GenerateArguments:
     humaneval: bool = field(default=False, metadata={
         "help": "HumanEval pass@1 (and pass@k with --num_samples) of the base and of base + adapter; per-problem "
                 "results go to <adapter>/humaneval.json."})
+    humaneval_infilling: bool = field(default=False, metadata={
+        "help": "HumanEval single-line infilling pass@1 (each canonical solution line masked in turn; Fried et al. "
+                "2022) of the base and of base + adapter; per-task results go to <adapter>/humaneval_infilling.json."})
     humaneval_limit: int = field(default=0, metadata={"help": "Only the first N problems (0: all 164)."})
     num_samples: int = field(default=1, metadata={"help": "HumanEval completions per problem: 1 is greedy; more are "
                                                           "sampled, for pass@k."})
@@ -62,8 +69,10 @@ class GenerateArguments:
     _help_groups = {
         "model": ("adapter", "model", "quantization"),
         "generation": ("prompt", "prompts_file", "max_new_tokens", "do_sample", "temperature", "top_p"),
-        "held-out loss": ("evaluate", "dataset", "seq_length", "max_eval_samples", "seed"),
-        "HumanEval": ("humaneval", "humaneval_limit", "num_samples"),
+        "infilling": ("prefix", "suffix", "prefix_file", "suffix_file"),
+        "held-out loss": ("evaluate", "dataset", "prompt_column", "completion_column", "seq_length",
+                          "max_eval_samples", "seed"),
+        "HumanEval": ("humaneval", "humaneval_infilling", "humaneval_limit", "num_samples"),
         "merge": ("merge", "merged_dir", "overwrite_merged_dir"),
     }
 
@@ -73,94 +82,45 @@ class GenerateArguments:
         cli.require(not sampling or (math.isfinite(self.temperature) and self.temperature > 0),
                     f"--temperature must be a positive number to sample, got {self.temperature}")
         cli.require(not sampling or 0 < self.top_p <= 1, f"--top_p must be above 0 and at most 1, got {self.top_p}")
-        cli.require(self.humaneval_limit >= 0, f"--humaneval_limit must be 0 (all) or more, got "
-                                               f"{self.humaneval_limit}")
+        cli.require(0 <= self.humaneval_limit <= 164, f"--humaneval_limit must be 0 (all 164 problems) to 164, got "
+                                                      f"{self.humaneval_limit}")
         cli.require(self.seq_length is None or self.seq_length >= 2, f"--seq_length must be at least 2, got "
                                                                      f"{self.seq_length}")
         cli.require(self.max_eval_samples is None or self.max_eval_samples > 0, "--max_eval_samples must be a "
                                                                                 "positive integer")
         cli.require(self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2**32 - 1")
         cli.check_given(adapter=self.adapter, merged_dir=self.merged_dir)
+        cli.require(not (self.prefix and self.prefix_file) and not (self.suffix and self.suffix_file),
+                    "give the code around the cursor as text (--prefix/--suffix) or as files (--prefix_file/"
+                    "--suffix_file), not both")
+        cli.require(not ((self.prompt_column or self.completion_column) and not self.dataset),
+                    "--prompt_column and --completion_column name --dataset's columns; give --dataset too")
+        cli.require(self.num_samples == 1 or not self.humaneval_infilling,
+                    "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
         self.dataset = cli.local_path(self.dataset) if self.dataset else ""
 
+    @property
+    def infilling(self) -> bool:
+        return bool(self.prefix or self.suffix or self.prefix_file or self.suffix_file)
 
-def load_with_adapter(args: GenerateArguments, quantization: str):
-    base_name = args.model or modeling.adapter_base(args.adapter)
-    model = modeling.load_adapter(modeling.load_quantized(base_name, quantization), args.adapter, base_name)
-    return model, modeling.load_tokenizer(base_name)
-
-
-def prompts(args: GenerateArguments) -> list[str]:
-    lines = list(args.prompt)
-    if args.prompts_file:
-        try:
-            lines += [line.strip() for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"--prompts_file {args.prompts_file!r} cannot be read as UTF-8 text: "
-                             f"{first_line(error)}") from None
-    return lines
-
-
-def run_config(args: GenerateArguments) -> dict:
-    """The training run's recorded configuration (run_config.json), or {} for an adapter trained elsewhere."""
-    path = Path(args.adapter) / checkpointing.RUN_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def wrap(prompt: str, data_format: str, tokenizer) -> str:
-    """A prompt as the run trained: a Question/Answer turn, a chat-template user turn, or plain text (code)."""
-    if data_format == "chat_template":
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return data.format_prompt(prompt) if data_format == "question_answer" else prompt
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    """End-of-text and end-of-turn tokens: the tokenizer's eos and the model's generation config's (a chat model
-    ends its turn with one of its own, Qwen's <|im_end|>)."""
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({tokenizer.eos_token_id, *(i for i in configured if i is not None)})
-
-
-def check_lengths(args: GenerateArguments, tokenizer, prompt_list: list[str], base_name: str,
-                  data_format: str) -> None:
-    """Each prompt, in the training format, plus --max_new_tokens must fit the model's positions."""
-    limit = modeling.position_limit(modeling.check_model(base_name, 2))
-    for prompt in prompt_list if limit else []:
-        needed = len(tokenizer(wrap(prompt, data_format, tokenizer), verbose=False)["input_ids"]) + args.max_new_tokens
-        if needed > limit:
-            raise UsageError(f"the prompt {prompt[:40]!r}... needs {needed} positions with --max_new_tokens "
-                             f"{args.max_new_tokens}; the model has {limit}: shorten it or lower --max_new_tokens")
-
-
-@torch.no_grad()
-def complete(model, tokenizer, prompt_list: list[str], args: GenerateArguments,
-             data_format: str = "question_answer") -> list[str]:
-    model.eval()
-    device = next(model.parameters()).device
-    completions = []
-    for prompt in prompt_list:
-        inputs = tokenizer(wrap(prompt, data_format, tokenizer), return_tensors="pt").to(device)
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                temperature=args.temperature if args.do_sample else None,
-                                top_p=args.top_p if args.do_sample else None,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(model, tokenizer))
-        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        completions.append(text.removeprefix(" "))  # the space after "Answer:" belongs to the first token
-    return completions
+    @property
+    def sampling(self) -> dict:
+        """Generation's decoding: greedy, or sampled at --temperature and --top_p."""
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.do_sample else {}
 
 
 def evaluation_data(args: GenerateArguments, run: dict) -> dict:
     """What --evaluate runs on: the training run's data, split and lengths (its run_config.json), overridden by the
     flags given; without a run_config.json, --dataset is needed."""
     if not args.dataset and not run:
-        raise UsageError(f"{args.adapter!r} has no {checkpointing.RUN_CONFIG} naming its data; give --dataset")
+        raise UsageError(f"{args.adapter!r} has no run_config.json naming its data; give --dataset")
     own = not args.dataset or args.dataset == run.get("dataset")
     chosen = {"dataset": args.dataset or run["dataset"],
-              "prompt_column": run.get("prompt_column", "prompt") if own else "prompt",
-              "completion_column": run.get("completion_column", "completion") if own else "completion",
+              "prompt_column": args.prompt_column or (run.get("prompt_column", "prompt") if own else "prompt"),
+              "completion_column": args.completion_column or (run.get("completion_column", "completion") if own
+                                                              else "completion"),
               "completion_only_loss": run.get("completion_only_loss") if own else None,
+              "fingerprint": run.get("data_fingerprint") if own and not args.prompt_column else None,
               **{key: run.get(key, default) if own else default
                  for key, default in (("dataset_split", "train"), ("eval_dataset", ""), ("eval_split", ""))}}
     for name, default in (("seq_length", 512), ("max_eval_samples", 64), ("seed", 42)):
@@ -168,77 +128,91 @@ def evaluation_data(args: GenerateArguments, run: dict) -> dict:
     return chosen
 
 
-def merge(args: GenerateArguments):
-    """The adapter folded into the unquantized base, written beside --merged_dir and renamed into place, so a
-    failure leaves --merged_dir as it was; a directory that holds something is replaced only when asked."""
-    target = Path(args.merged_dir).absolute()
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"--merged_dir {args.merged_dir!r} is a file; give a directory")
-    if target.is_dir() and any(target.iterdir()) and not args.overwrite_merged_dir:
-        raise UsageError(f"--merged_dir {args.merged_dir!r} is not empty; use another, or --overwrite_merged_dir")
-    checkpointing.check_output_dir(str(target.parent))
-    model, tokenizer = load_with_adapter(args, "none")
-    merged = model.merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            previous = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, previous / "merged")
-            os.rename(staging, target)
-            shutil.rmtree(previous)
-        else:
-            os.rename(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"merged model and tokenizer saved to {target}")
-    return merged
+def held_out_set(args: GenerateArguments, run: dict, tokenizer, limit: int | None):
+    """The tokenized held-out examples --evaluate runs on, checked before the model loads: within the model's
+    positions, keeping tokens to evaluate, and (for the run's own data) the data it trained on."""
+    from finetune import data
+
+    chosen = evaluation_data(args, run)
+    if limit and chosen["seq_length"] > limit:
+        raise UsageError(f"--seq_length {chosen['seq_length']} is above the model's maximum of {limit} positions")
+    train_examples, eval_examples, eval_format = data.load_splits(
+        chosen["dataset"], chosen["prompt_column"], chosen["completion_column"], tokenizer, None,
+        chosen["max_eval_samples"], chosen["seed"], chosen["dataset_split"], chosen["eval_dataset"],
+        chosen["eval_split"])
+    digest = data.fingerprint(train_examples, eval_examples)
+    if chosen["fingerprint"] and digest != chosen["fingerprint"]:
+        raise UsageError(f"{chosen['dataset']!r} changed since the run trained on it (its content's digest "
+                         f"{chosen['fingerprint']} is now {digest}): its held-out split would mix in training "
+                         f"examples; restore the data, or evaluate on other data with --dataset")
+    completion_only = (data.has_prompts(train_examples) if chosen["completion_only_loss"] is None
+                       else chosen["completion_only_loss"])
+    held_out = data.tokenize(eval_examples, tokenizer, chosen["seq_length"], completion_only=completion_only,
+                             append_eos=eval_format != "chat_template")
+    data.check_labels(held_out, "held-out examples", chosen["seq_length"])
+    return chosen["dataset"], held_out
 
 
 def main(args: GenerateArguments):
+    # The libraries load once the arguments are valid, so --help and a mistyped flag answer at once.
+    from finetune import evaluation, files, fim, humaneval, inference, modeling
+
     base_name = args.model or modeling.adapter_base(args.adapter)
+    modeling.check_adapter(args.adapter)
     if args.merge:
-        return merge(args)
-    prompt_list = prompts(args)
-    if not (prompt_list or args.evaluate or args.humaneval):
-        raise UsageError("nothing to do: give --prompt TEXT or --prompts_file FILE, or --evaluate, --humaneval, "
-                         "--merge")
-    run = run_config(args)
+        target = inference.check_merged_dir(args.merged_dir, args.adapter, args.overwrite_merged_dir)
+        return inference.merge(args.adapter, base_name, target)
+    prompts = list(args.prompt) + (inference.read_lines(args.prompts_file, "--prompts_file") if args.prompts_file
+                                   else [])
+    prefix = inference.read_text(args.prefix_file, "--prefix_file") if args.prefix_file else args.prefix
+    suffix = inference.read_text(args.suffix_file, "--suffix_file") if args.suffix_file else args.suffix
+    if not (prompts or args.infilling or args.evaluate or args.humaneval or args.humaneval_infilling):
+        raise UsageError("nothing to do: give --prompt TEXT or --prompts_file FILE, --prefix/--suffix, or "
+                         "--evaluate, --humaneval, --humaneval_infilling, --merge")
+    run = inference.run_config(args.adapter)
     data_format = run.get("data_format", "question_answer")
     tokenizer = modeling.load_tokenizer(base_name)
-    held_out = None
-    if args.evaluate:
-        chosen = evaluation_data(args, run)
-        train_examples, eval_examples, eval_format = data.load_splits(
-            chosen["dataset"], chosen["prompt_column"], chosen["completion_column"], tokenizer, None,
-            chosen["max_eval_samples"], chosen["seed"], chosen["dataset_split"], chosen["eval_dataset"],
-            chosen["eval_split"])
-        completion_only = (data.has_prompts(train_examples) if chosen["completion_only_loss"] is None
-                           else chosen["completion_only_loss"])
-        held_out = data.tokenize(eval_examples, tokenizer, chosen["seq_length"], completion_only=completion_only,
-                                 append_eos=eval_format != "chat_template")
-        data.check_labels(held_out, "held-out examples", chosen["seq_length"])
-    check_lengths(args, tokenizer, prompt_list, base_name, data_format)
-    model, tokenizer = load_with_adapter(args, args.quantization)
+    limit = modeling.position_limit(modeling.check_model(base_name, 2))
+    fim_tokens = fim.tokens(tokenizer, base_name) if args.infilling or args.humaneval_infilling else None
+    if args.humaneval or args.humaneval_infilling:  # results are written into the adapter's directory at the end
+        why = files.writable(args.adapter)
+        if why:
+            raise UsageError(f"HumanEval's per-problem results go to {args.adapter!r}, which cannot be written "
+                             f"({why})")
+    evaluated = held_out_set(args, run, tokenizer, limit) if args.evaluate else None
+    inference.check_fits([inference.wrap(prompt, data_format, tokenizer) for prompt in prompts]
+                         + ([prefix + suffix] if args.infilling else []), tokenizer, args.max_new_tokens, limit)
+
+    model, tokenizer = inference.load_with_adapter(args.adapter, base_name, args.quantization)
     results = {}
-    if held_out is not None:
+    if evaluated is not None:
+        name, held_out = evaluated
         results["evaluation"] = evaluation.compare(model, held_out, tokenizer, 4)
-        print(f"{chosen['dataset']}: {evaluation.describe(results['evaluation'])}")
+        print(f"{name}: {evaluation.describe(results['evaluation'])}")
     if args.humaneval:
         results["humaneval"] = humaneval.compare(model, tokenizer, args.adapter, args.humaneval_limit,
                                                  args.num_samples, args.temperature, args.top_p)
-        scores = {key: value for key, value in results["humaneval"].items() if "pass@" in key}
-        print(f"HumanEval ({results['humaneval']['humaneval_problems']} problems, {args.num_samples} sample(s) "
-              f"each): " + ", ".join(f"{key.removeprefix('humaneval_')} {value:.1%}" for key, value in scores.items())
-              + f"; per problem: {os.path.join(args.adapter, 'humaneval.json')}")
-    if prompt_list:
-        results["completions"] = complete(model, tokenizer, prompt_list, args, data_format)
-        for prompt, completion in zip(prompt_list, results["completions"]):
+        print(humaneval.describe(results["humaneval"], os.path.join(args.adapter, humaneval.RESULTS)))
+    if args.humaneval_infilling:
+        results["humaneval_infilling"] = humaneval.compare_infilling(model, tokenizer, fim_tokens, args.adapter,
+                                                                     args.humaneval_limit)
+        print(humaneval.describe(results["humaneval_infilling"],
+                                 os.path.join(args.adapter, humaneval.INFILLING_RESULTS)))
+    if prompts:
+        results["completions"] = inference.complete(model, tokenizer, prompts, data_format, args.max_new_tokens,
+                                                    args.sampling)
+        for prompt, completion in zip(prompts, results["completions"]):
             print(f"### {prompt}\n{completion}\n")
+    if args.infilling:
+        with model.disable_adapter():
+            base = inference.infill(model, tokenizer, fim_tokens, prefix, suffix, args.max_new_tokens)
+        adapted = inference.infill(model, tokenizer, fim_tokens, prefix, suffix, args.max_new_tokens)
+        results["infilling"] = {"base": base, "adapter": adapted}
+        print(f"### middle, base\n{base}\n### middle, base + adapter\n{adapted}")
     return results
 
 
 if __name__ == "__main__":
     cli.run(main, GenerateArguments)
+
+

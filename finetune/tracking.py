@@ -11,10 +11,6 @@ import string
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-
-from flops_counter import peak_tflops
-
 from .secrets import redact
 
 SERVER_TIMEOUT_SECONDS = 5
@@ -70,7 +66,10 @@ def start_run(args, *more_arguments, job_type: str = "train") -> None:
     its peak in its config, a job type and tags, so runs group and filter by recipe in the W&B UI."""
     if args.report_to != "wandb" or int(os.environ.get("RANK", 0)) != 0:
         return
+    import torch
     import wandb  # only when W&B is in use
+
+    from flops_counter import peak_tflops
 
     arguments = {}
     for values in (args, *more_arguments):

@@ -18,6 +18,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from finetune.cli import TrainArguments  # noqa: E402
 
+# The scripts import the heavy libraries only once their arguments parse. Import them here, before any test captures
+# stderr: their loggers keep the stream they find at import, and one captured and closed would fail later tests.
+import datasets  # noqa: E402, F401
+import transformers  # noqa: E402, F401
+
 
 @pytest.fixture(autouse=True)
 def _fresh_wandb_env(monkeypatch):

@@ -9,7 +9,7 @@ from peft import PeftModel
 import base_example
 import generate
 from conftest import tiny_args
-from finetune import cli, data, evaluation, modeling
+from finetune import cli, data, evaluation, inference, modeling
 from generate import GenerateArguments
 
 PAIRS = [("Add one to x.", "def inc(x):\n    return x + 1"),
@@ -37,9 +37,10 @@ def test_generation_returns_the_memorised_completions(trained):
     options = GenerateArguments(adapter=args.output_dir, quantization="none", prompt=prompts, max_new_tokens=24)
     assert generate.main(options)["completions"] == expected
 
-    model, tokenizer = generate.load_with_adapter(options, "none")
+    model, tokenizer = inference.load_with_adapter(args.output_dir, args.model, "none")
     with model.disable_adapter():  # the base alone does not know them
-        assert all(a != b for a, b in zip(generate.complete(model, tokenizer, prompts, options), expected))
+        completions = inference.complete(model, tokenizer, prompts, "question_answer", 24, {})
+        assert all(a != b for a, b in zip(completions, expected))
 
 
 def test_adapter_lowers_the_loss_on_its_examples(trained):

@@ -78,7 +78,11 @@ def test_generate_scores_base_and_adapter_on_humaneval(tmp_path, capsys):
     saved = json.loads((out / "humaneval.json").read_text())
     assert [row["task_id"] for row in saved["adapter"]["problems"]] == ["HumanEval/0", "HumanEval/1"]
     assert all(len(row["samples"]) == 1 and "result" in row["samples"][0] for row in saved["base"]["problems"])
-    assert "HumanEval (2 problems, 1 sample(s) each): base_pass@1 " in capsys.readouterr().out
+    output = capsys.readouterr().out.splitlines()
+    assert "HumanEval (2 problems): pass@1 base " in output[-1] and output[-1].endswith(str(out / "humaneval.json"))
+    # through a pipe, progress is a line per batch with pass@1 so far: here one batch each for base and adapter
+    assert [line.split(" so far")[0] for line in output if "so far" in line] == [
+        "HumanEval, base: 2/2 problems, pass@1", "HumanEval, base + adapter: 2/2 problems, pass@1"]
     assert os.path.getsize(out / "humaneval.json") > 0
 
 

@@ -149,7 +149,7 @@ def adapter(tmp_path_factory) -> Path:
 
 GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
     (lambda a, d: ["--adapter", str(Path(_write(d / "adapter_config.json", "{not json")).parent), "--prompt", "x"],
-     "is not a valid adapter config"),
+     "(the adapter's configuration) cannot be read"),
     (lambda a, d: ["--adapter", str(Path(_write(d / "adapter_config.json", '{"peft_type": "LORA"}')).parent),
                    "--prompt", "x"], "names no base model"),
     (lambda a, d: ["--adapter", str(d / "none"), "--prompt", "x"], "holds no adapter"),
@@ -164,7 +164,7 @@ GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
                    _write(d / "null.jsonl", '{"prompt": "a", "completion": null}\n')], "completion is null"),
     (lambda a, d: ["--adapter", str(a), "--merge", "--merged_dir", _write(d / "a-file", "keep")], "is a file"),
     (lambda a, d: ["--adapter", str(a), "--merge", "--merged_dir",
-                   str(Path(_write(d / "config.json", "{}")).parent)], "is not empty"),
+                   str(Path(_write(d / "config.json", "{}")).parent)], "holds files that --merge did not write"),
     (lambda a, d: ["--adapter", str(a)], "nothing to do"),
     (lambda a, d: ["--adapter", str(a), "--humaneval_limit", "-1"], "--humaneval_limit must be"),
 ]
