@@ -191,7 +191,8 @@ class TFLOPSCallback(TrainerCallback):
     - `tokens_per_second`: every non-padding token the model processed, prompt tokens included when the loss is
       on completions only (their FLOPs are spent all the same); `samples_per_second` (examples);
       `peak_memory_gib`; `outside_steps_share`, the share of the measured wall time spent between steps (data
-      loading, evaluation, saving); `measured_steps` and `step_time_spread` (slowest over fastest step, minus 1),
+      loading, evaluation, saving); `measured_steps` and `step_time_spread` (the slowest step's time per token over
+      the fastest's, minus 1: padded batches of other lengths take other times, and are no less stable for it),
       which say how far the rates can be trusted.
     Step boundaries are CUDA-synchronised, so queued GPU work is charged to the step that queued it. Under several
     processes the per-GPU values are for one GPU and `world_*` are the totals. MFU needs the device's peak:
@@ -230,6 +231,7 @@ class TFLOPSCallback(TrainerCallback):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.step_times: list[float] = []
+        self.step_tokens: list[float] = []  # tokens each step processed (counted at its end, already synchronised)
         self.measured_from = None  # counts and clock at the end of warm-up
         self.window_start = self.last_step_end = None
 
@@ -262,6 +264,7 @@ class TFLOPSCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.last_step_end = self._now()
         self.step_times.append(self.last_step_end - self.step_start)
+        self.step_tokens.append(self.counts[0].item() - sum(self.step_tokens))
         if len(self.step_times) == self.warmup_steps:
             self.measured_from = self.counts.clone()
 
@@ -280,7 +283,9 @@ class TFLOPSCallback(TrainerCallback):
         measured = self.step_times[self.warmup_steps :]
         if not measured:
             return values
-        values.update(measured_steps=len(measured), step_time_spread=max(measured) / min(measured) - 1)
+        tokens_in = self.step_tokens[self.warmup_steps :]
+        per_token = [seconds / max(tokens, 1) for seconds, tokens in zip(measured, tokens_in)]
+        values.update(measured_steps=len(measured), step_time_spread=max(per_token) / min(per_token) - 1)
         seconds = sum(measured)
         tokens, sequences, *spans = (self.counts - (self.measured_from if self.warmup_steps else 0)).tolist()
         model_flops, hardware_flops = self.flops_of(tokens, spans)

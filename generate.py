@@ -77,17 +77,18 @@ class GenerateArguments:
     }
 
     def __post_init__(self):
-        cli.check_positive(max_new_tokens=self.max_new_tokens, num_samples=self.num_samples)
+        cli.check_counts(max_new_tokens=self.max_new_tokens, num_samples=self.num_samples)
         sampling = self.do_sample or self.num_samples > 1
         cli.require(not sampling or (math.isfinite(self.temperature) and self.temperature > 0),
                     f"--temperature must be a positive number to sample, got {self.temperature}")
         cli.require(not sampling or 0 < self.top_p <= 1, f"--top_p must be above 0 and at most 1, got {self.top_p}")
-        cli.require(0 <= self.humaneval_limit <= 164, f"--humaneval_limit must be 0 (all 164 problems) to 164, got "
-                                                      f"{self.humaneval_limit}")
+        cli.require(0 <= self.humaneval_limit <= cli.HUMANEVAL_PROBLEMS,
+                    f"--humaneval_limit must be 0 (all {cli.HUMANEVAL_PROBLEMS} problems) to "
+                    f"{cli.HUMANEVAL_PROBLEMS}, got {self.humaneval_limit}")
         cli.require(self.seq_length is None or self.seq_length >= 2, f"--seq_length must be at least 2, got "
                                                                      f"{self.seq_length}")
-        cli.require(self.max_eval_samples is None or self.max_eval_samples > 0, "--max_eval_samples must be a "
-                                                                                "positive integer")
+        if self.max_eval_samples is not None:
+            cli.check_counts(max_eval_samples=self.max_eval_samples)
         cli.require(self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2**32 - 1")
         cli.check_given(adapter=self.adapter, merged_dir=self.merged_dir)
         cli.require(not (self.prefix and self.prefix_file) and not (self.suffix and self.suffix_file),
@@ -136,11 +137,10 @@ def held_out_set(args: GenerateArguments, run: dict, tokenizer, limit: int | Non
     chosen = evaluation_data(args, run)
     if limit and chosen["seq_length"] > limit:
         raise UsageError(f"--seq_length {chosen['seq_length']} is above the model's maximum of {limit} positions")
-    train_examples, eval_examples, eval_format = data.load_splits(
+    train_examples, eval_examples, eval_format, digest = data.load_splits(
         chosen["dataset"], chosen["prompt_column"], chosen["completion_column"], tokenizer, None,
         chosen["max_eval_samples"], chosen["seed"], chosen["dataset_split"], chosen["eval_dataset"],
         chosen["eval_split"])
-    digest = data.fingerprint(train_examples, eval_examples)
     if chosen["fingerprint"] and digest != chosen["fingerprint"]:
         raise UsageError(f"{chosen['dataset']!r} changed since the run trained on it (its content's digest "
                          f"{chosen['fingerprint']} is now {digest}): its held-out split would mix in training "
@@ -188,7 +188,7 @@ def main(args: GenerateArguments):
     if evaluated is not None:
         name, held_out = evaluated
         results["evaluation"] = evaluation.compare(model, held_out, tokenizer, 4)
-        print(f"{name}: {evaluation.describe(results['evaluation'])}")
+        print(f"{name}: {evaluation.describe(results['evaluation'], len(held_out))}")
     if args.humaneval:
         results["humaneval"] = humaneval.compare(model, tokenizer, args.adapter, args.humaneval_limit,
                                                  args.num_samples, args.temperature, args.top_p)

@@ -67,8 +67,10 @@ def main(args: TrainArguments, speed: SpeedupArguments, sweeping: SweepArguments
         skip_memory_metrics=not speed.memory_metrics,
     )
     training.train(trainer, args, run)
+    # result.json first, so the manifest (written last, when the run has finished) lists it among the run's files
+    result = sweep.record_run(args.output_dir, args, speed, tflops.summary, tflops.warmup_steps)
     training.finish(trainer, args, run, speed, throughput=tflops.summary)
-    return sweep.record_run(args.output_dir, args, speed, tflops.summary, tflops.warmup_steps)
+    return result
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import Finished, Stopped, UsageError, first_line
+from . import files
 from .files import fsync, write_atomically
 
 MARKER = "checkpoint.complete"
@@ -33,14 +33,14 @@ STAGING = ".staging"
 RUN_CONFIG = "run_config.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-# What a run writes at the top of its output directory: removed by --overwrite_output_dir before the new run writes.
-RUN_FILES = ("checkpoint-*", STAGING, RUN_CONFIG, MANIFEST, "adapter_config.json", "adapter_model.safetensors",
-             "README.md", "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "wandb_run_id", "result.json",
-             "humaneval.json")
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# The adapter's files, verified when a finished run is rerun (and rebuilt from its best checkpoint if damaged).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Arguments that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = {"output_dir", "report_to", "wandb_project", "max_train_steps", "logging_steps", "eval_steps",
-                     "resume", "overwrite_output_dir", "grace_period_seconds", "hf_token", "recipe", "humaneval",
-                     "humaneval_limit", "check_memory"}
+RESUMABLE_CHANGES = {"output_dir", "report_to", "wandb_project", "max_train_steps", "num_train_epochs",
+                     "logging_steps", "eval_steps", "resume", "overwrite_output_dir", "grace_period_seconds",
+                     "hf_token", "recipe", "humaneval", "humaneval_infilling", "humaneval_limit", "check_memory",
+                     "push_to_hub", "hub_model_id", "hub_private"}
 _held_locks: dict[str, int] = {}  # this process's locks, by output directory: open descriptors
 
 
@@ -54,37 +54,54 @@ def staging(output_dir: str) -> str:
 
 
 def _step(path: Path) -> int:
-    return int(re.search(r"checkpoint-(\d+)$", path.name).group(1))
+    return int(CHECKPOINT.fullmatch(path.name).group(1))
 
 
 def complete_checkpoints(output_dir: str) -> list[Path]:
-    """Committed checkpoints, oldest first. A directory without the marker is never among them."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MARKER).is_file()]
+    """Committed checkpoints, oldest first: directories named checkpoint-<step> that hold the marker, never a link or
+    anything else a user left beside them."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
     return sorted(found, key=_step)
+
+
+def digest(path: Path) -> list:
+    """[size, SHA-256] of a file."""
+    with open(path, "rb") as f:
+        return [path.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
 
 
 def _files(directory: Path) -> dict[str, list]:
     """Every file under `directory` but the marker: relative path -> [size, SHA-256]."""
-    record = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MARKER:
-            with open(path, "rb") as f:
-                record[str(path.relative_to(directory))] = [path.stat().st_size, hashlib.file_digest(f, "sha256")
-                                                            .hexdigest()]
-    return record
+    return {str(path.relative_to(directory)): digest(path) for path in sorted(directory.rglob("*"))
+            if path.is_file() and not path.is_symlink() and path.name != MARKER}
+
+
+def _recorded_files(marker: Path):
+    """The files a completion marker records, or why they cannot be read from it."""
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        return f"its completion marker is unreadable ({first_line(error)})"
+    if not (isinstance(recorded, dict) and all(isinstance(v, list) and len(v) == 2 for v in recorded.values())):
+        return "its completion marker does not list files as [size, SHA-256]"
+    return recorded
 
 
 def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a committed checkpoint (a file missing, truncated or changed), or None if it verifies."""
-    try:
-        expected = json.loads((checkpoint / MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"its completion marker is unreadable ({first_line(error)})"
+    """What is wrong with a committed checkpoint (a file missing, truncated or changed, a link inside), or None if it
+    verifies."""
+    links = [p.name for p in checkpoint.rglob("*") if p.is_symlink()]
+    if links:
+        return f"it holds a symbolic link ({links[0]}), which no checkpoint writes"
+    expected = _recorded_files(checkpoint / MARKER)
+    if isinstance(expected, str):
+        return expected
     found = _files(checkpoint)
-    for name, (size, digest) in expected.items():
+    for name, (size, sha) in expected.items():
         if name not in found:
             return f"{name} is missing"
-        if found[name] != [size, digest]:
+        if found[name] != [size, sha]:
             return f"{name} does not match its recorded size and hash ({found[name][0]} of {size} bytes)"
     return None
 
@@ -107,52 +124,119 @@ def comparable(args, data_fingerprint: str) -> dict:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """An output directory that is a file, or cannot be created or written, stops the run before anything else. The
-    nearest existing parent is probed with a temporary directory (removed at once): permission bits say nothing
-    under /proc or on a read-only mount, and nothing at all to root."""
+    """An output directory that is a file, a link, inside another run's directory or checkpoint, or that cannot be
+    created or written, stops the run before anything else."""
     path = Path(output_dir).absolute()
+    if path.is_symlink():
+        raise UsageError(f"--output_dir {output_dir!r} is a symbolic link; give the directory it points to")
     if path.exists() and not path.is_dir():
         raise UsageError(f"--output_dir {output_dir!r} is a file; give a directory")
-    ancestor = next(p for p in [path, *path.parents] if p.exists())
+    if (path / MARKER).exists():
+        raise UsageError(f"--output_dir {output_dir!r} is a checkpoint of a run; give a directory of its own")
+    run = next((p for p in path.resolve().parents if holds_run(p)), None)
+    if run is not None:
+        raise UsageError(f"--output_dir {output_dir!r} is inside the run directory {str(run)!r}; give a directory "
+                         f"outside it")
+    why = files.writable(path)
+    if why:
+        raise UsageError(f"--output_dir {output_dir!r} cannot be written ({why})")
+
+
+def read_manifest(output_dir: str, warn: bool = True) -> dict | None:
+    """A finished run's manifest.json, or None (no manifest, or a damaged one: the run counts as unfinished and
+    resumes from its verified checkpoints, rewriting the manifest when it finishes; one warning line with `warn`)."""
+    path = Path(output_dir) / MANIFEST
+    if not (path.exists() or path.is_symlink()):
+        return None
     try:
-        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".write-test-"))
-    except OSError as error:
-        raise UsageError(f"--output_dir {output_dir!r} cannot be written ({ancestor}: {first_line(error)})") from None
+        manifest = files.read_json(path, "the finished run's manifest", "")
+        step = manifest["metrics"]["global_step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"its global_step is {step!r}")
+        return manifest
+    except (UsageError, KeyError, TypeError) as error:
+        if warn:
+                print(f"warning: {path} is damaged ({first_line(error)[:100]}); treating the run as unfinished: it "
+                  f"resumes from its newest intact checkpoint", flush=True)
+        return None
 
 
-def _check(args, config: dict) -> None:
-    """Refuse a directory that holds a run of another configuration; stop (Finished) if it holds this run, done."""
-    out = Path(args.output_dir)
-    if args.overwrite_output_dir or not (out / RUN_CONFIG).is_file():
+def _final_adapter_damage(output_dir: Path, manifest: dict) -> str | None:
+    recorded = manifest.get("outputs", {})
+    for name in ADAPTER_FILES:
+        path = output_dir / name
+        if name not in recorded:
+            continue
+        if path.is_symlink() or not path.is_file():
+            return f"{name} is missing"
+        if digest(path) != recorded[name]:
+            return f"{name} does not match its recorded size and hash"
+    return None
+
+
+def _rebuild_final_adapter(output_dir: Path, manifest: dict, problem: str) -> None:
+    """Copy the final adapter back from the checkpoint it came from (the best, recorded in the manifest), if that
+    checkpoint verifies and its files are the ones recorded; else refuse."""
+    best = output_dir / str(manifest.get("best_checkpoint") or "")
+    found = CHECKPOINT.fullmatch(best.name) and best.is_dir() and damage(best) is None
+    if found and all(digest(best / name) == manifest["outputs"].get(name) for name in ADAPTER_FILES
+                     if (best / name).is_file()):
+        for name in ADAPTER_FILES:
+            temporary = output_dir / f".{name}.tmp"
+            shutil.copyfile(best / name, temporary)
+            fsync(temporary)
+            os.replace(temporary, output_dir / name)
+        print(f"warning: the final adapter was damaged ({problem}); rebuilt it from {best.name}, which verifies",
+              flush=True)
         return
-    saved = json.loads((out / RUN_CONFIG).read_text())
+    raise UsageError(f"the final adapter in {str(output_dir)!r} is damaged ({problem}) and no intact checkpoint holds "
+                     f"it; use --overwrite_output_dir to train again")
+
+
+def _check(args, config: dict, repair: bool) -> int:
+    """Refuse a directory that holds a run of another configuration; stop (Finished) if it holds this run, done, its
+    final adapter verified (rebuilt when damaged, under the lock: `repair`). Returns the step a finished run ended at
+    when --max_train_steps has been raised past it (it trains on), else 0."""
+    out = Path(args.output_dir)
+    if args.overwrite_output_dir or not (out / RUN_CONFIG).exists():
+        return 0
+    saved = files.read_json(out / RUN_CONFIG, "the configuration this directory trains",
+                            "restore it, or use --overwrite_output_dir to start over")
     changed = {key: (saved.get(key), value) for key, value in config.items() if saved.get(key) != value}
     if changed:
         details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
         raise UsageError(f"{args.output_dir!r} holds a run with another configuration ({details}); use another "
                          f"--output_dir, or --overwrite_output_dir to start over")
-    if (out / MANIFEST).is_file():
-        step = json.loads((out / MANIFEST).read_text()).get("metrics", {}).get("global_step", 0)
-        if step >= args.max_train_steps:
-            raise Finished(f"already finished: {step} steps with this configuration; the adapter is in "
-                           f"{args.output_dir}. Raise --max_train_steps to train on, or use --overwrite_output_dir to "
-                           f"start over.")
+    manifest = read_manifest(args.output_dir, warn=repair)
+    if manifest is None:
+        return 0
+    step = manifest["metrics"]["global_step"]
+    if step < args.max_train_steps:
+        return step
+    problem = _final_adapter_damage(out, manifest)
+    if problem and not repair:
+        return 0  # rebuilt under the lock, on the second look
+    if problem:
+        _rebuild_final_adapter(out, manifest, problem)
+    raise Finished(f"already finished: {step} steps with this configuration; the adapter is in {args.output_dir}. "
+                   f"Raise --max_train_steps to train on, or use --overwrite_output_dir to start over.")
 
 
-def claim(args, config: dict) -> str | None:
+def claim(args, config: dict) -> tuple[str | None, int]:
     """Check the output directory against this run's configuration and, on the first process, lock it for this
-    run's lifetime. Returns the checkpoint to resume from (the newest intact one), or None. Read-only until the
-    lock; checked again under it, since the process that held it may have changed the directory."""
+    run's lifetime. Returns the checkpoint to resume from (the newest intact one, or None) and the step a finished
+    run ended at when it trains on (else 0). Read-only until the lock; checked again under it, since the process
+    that held it may have changed the directory."""
     check_output_dir(args.output_dir)
-    _check(args, config)
+    _check(args, config, repair=False)
     if int(os.environ.get("RANK", 0)) == 0:
         _lock(args.output_dir)
-    _check(args, config)
+    finished_at = _check(args, config, repair=True)
     latest = None if args.overwrite_output_dir else newest_intact(args.output_dir)
     if latest and args.resume == "never":
         raise UsageError(f"{args.output_dir!r} holds checkpoints and --resume is never; use --resume auto, another "
                          f"--output_dir, or --overwrite_output_dir")
-    return str(latest) if latest else None
+    return (str(latest) if latest else None), finished_at
 
 
 def _lock(output_dir: str) -> None:
@@ -162,7 +246,12 @@ def _lock(output_dir: str) -> None:
     if key in _held_locks:  # this process holds it already (a test or notebook running twice)
         return
     os.makedirs(output_dir, exist_ok=True)
-    descriptor = os.open(os.path.join(output_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    path = Path(output_dir) / LOCK
+    files.refuse_link(path, "the toolkit's lock file")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:  # a directory, or something else a user left in its place
+        raise UsageError(f"{path} cannot be the toolkit's lock file ({first_line(error)}): remove it") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -181,17 +270,42 @@ def release(output_dir: str) -> None:
         os.close(descriptor)  # closing the last descriptor releases the flock
 
 
-def start(args) -> None:
+def previous_run_files(output_dir: str) -> list[Path]:
+    """What an earlier run wrote here, and only that: its checkpoints (which hold the marker), its recorded
+    configuration, its W&B id, the files its manifest lists and the manifest. A user's own files stay, whatever
+    their names; so does W&B's folder (an offline run there may not be uploaded yet)."""
+    out = Path(output_dir)
+    manifest = read_manifest(output_dir, warn=False) or {}
+    named = [out / name for name in manifest.get("outputs", {}) if "/" not in name and not name.startswith(".")]
+    named += [out / name for name in (RUN_CONFIG, "wandb_run_id") if (out / RUN_CONFIG).is_file()]
+    named += [out / MANIFEST] if manifest else []
+    return [*complete_checkpoints(output_dir), *dict.fromkeys(p for p in named if p.is_file() and not p.is_symlink())]
+
+
+def top_level_files(output_dir: str) -> dict[str, tuple[int, int]]:
+    """The regular files at the top of the output directory, by name: (modification time, size)."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(output_dir).iterdir()
+            if p.is_file() and not p.is_symlink() and not p.name.startswith(".")}
+
+
+def start(args) -> dict[str, tuple[int, int]]:
     """On the first process, once the input is valid and the directory locked: with --overwrite_output_dir remove
     what the previous run wrote (so nothing of it is mistaken for this run's), and clear what an interrupted save
-    left in the staging area."""
+    left in the staging area. Returns the top-level files there now, so the run can tell the ones it writes."""
     out = Path(args.output_dir)
     if args.overwrite_output_dir:
-        for pattern in RUN_FILES:
-            for old in out.glob(pattern):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for old in previous_run_files(args.output_dir):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     shutil.rmtree(out / STAGING, ignore_errors=True)  # partial checkpoints of a killed run: never loaded
     out.mkdir(parents=True, exist_ok=True)
+    return top_level_files(args.output_dir)
+
+
+def written_since(output_dir: str, before: dict) -> dict[str, list]:
+    """The top-level files written since `before` (start's snapshot), with their size and SHA-256: what the
+    manifest records as this run's outputs."""
+    return {name: digest(Path(output_dir) / name) for name, stamp in top_level_files(output_dir).items()
+            if before.get(name) != stamp}
 
 
 def commit(staged: Path, final: Path, best_step: int | None) -> None:

@@ -7,15 +7,17 @@ run_clm.py does), and `run` turns a UsageError into one `error: ...` line and ex
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from . import secrets
-from .errors import Finished, Stopped, UsageError
+from . import environment, secrets
+from .errors import Finished, Stopped, UsageError, WriteFailed
 
 # Schedules the Trainer names (transformers.SchedulerType), those that need no extra arguments.
 SCHEDULERS = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
@@ -23,10 +25,33 @@ SCHEDULERS = Literal["cosine", "linear", "constant", "constant_with_warmup", "co
 LOCAL_DATA_FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 
 
+DEFAULT_STEPS = 60
+MAX_COUNT = 10**9  # no run takes a billion steps, batches or examples: a larger count is a typo
+DAY = 86400
+HUMANEVAL_PROBLEMS = 164
+
+
 def check_positive(**values) -> None:
     for name, value in values.items():
         if not value > 0:
             raise UsageError(f"--{name} must be a positive integer, got {value}")
+
+
+def check_counts(**values) -> None:
+    """Positive integers, at most a billion."""
+    check_positive(**values)
+    for name, value in values.items():
+        if value > MAX_COUNT:
+            raise UsageError(f"--{name} must be at most {MAX_COUNT:,}, got {value}")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repository id, `namespace/name` or `name`, in the characters the Hub allows."""
+    import re
+
+    if not re.fullmatch(r"([\w.-]{1,96}/)?[\w.-]{1,96}", repo_id) or ".." in repo_id or repo_id.endswith(".git"):
+        raise UsageError(f"--hub_model_id {repo_id!r} is not a Hub repository id: give namespace/name in letters, "
+                         f"digits, '-', '_' and '.'")
 
 
 def check_given(**values: str) -> None:
@@ -88,6 +113,19 @@ class TrainArguments:
         "help": "Train on the completion only (the prompt and its template get label -100). Default: on for "
                 "prompt/completion data, off for text data."})
     max_eval_samples: int = field(default=64, metadata={"help": "Held-out examples used for evaluation."})
+    extensions: str = field(default="", metadata={
+        "help": "With a source tree as --dataset: the files to train on, as extensions or languages "
+                "(`.py,.pyi` or `python,rust`); default: every text file."})
+    max_file_bytes: int = field(default=1_000_000, metadata={
+        "help": "With a source tree: files larger than this are skipped (The Stack's limit, 1 MB)."})
+    fim_rate: float | None = field(default=None, metadata={
+        "help": "Share of code examples trained in fill-in-the-middle form (the form editors complete in); default: "
+                "0.5 (bigcode's and the personal-copilot recipe's) for code (text and source-tree data) when the "
+                "tokenizer has FIM tokens, else 0."})
+    fim_spm_rate: float = field(default=0.5, metadata={
+        "help": "Of the FIM examples, the share in suffix-prefix-middle order (the rest prefix-suffix-middle)."})
+    fim_loss: Literal["all", "middle"] = field(default="all", metadata={
+        "help": "FIM examples train on every token (all), or on the middle and the end-of-text token only."})
     # LoRA
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -100,7 +138,12 @@ class TrainArguments:
     batch_size: int = field(default=4, metadata={"help": "Examples per device per micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "Micro-batches per optimizer step: the effective batch is batch_size x this x processes."})
-    max_train_steps: int = field(default=60, metadata={"help": "Optimizer steps to train."})
+    max_train_steps: int | None = field(default=None, metadata={
+        "help": "Optimizer steps to train; default: 60, or --num_train_epochs' worth. Raised on a finished run, it "
+                "trains on for the added steps with a schedule of their own (README)."})
+    num_train_epochs: float | None = field(default=None, metadata={
+        "help": "Passes over the training data, as steps (data / effective batch, per pass); --max_train_steps "
+                "wins when both are given."})
     learning_rate: float = field(default=2e-4, metadata={
         "help": "Peak learning rate (the QLoRA paper's 2e-4 for small models)."})
     lr_scheduler_type: SCHEDULERS = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
@@ -151,32 +194,62 @@ class TrainArguments:
     humaneval: bool = field(default=False, metadata={
         "help": "At the end, HumanEval pass@1 of the base and of base + adapter (generated code runs in a sandboxed "
                 "subprocess per sample)."})
-    humaneval_limit: int = field(default=0, metadata={"help": "With --humaneval: only the first N problems (0: "
-                                                              "all 164)."})
+    humaneval_infilling: bool = field(default=False, metadata={
+        "help": "At the end, HumanEval single-line infilling pass@1 of the base and of base + adapter."})
+    humaneval_limit: int = field(default=0, metadata={"help": "With --humaneval or --humaneval_infilling: only the "
+                                                              "first N problems (0: all 164)."})
+    # The Hub
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "At the end of a finished run, upload the adapter folder (adapter, tokenizer, model card) to the "
+                "Hub; needs a token with write access ($HF_TOKEN)."})
+    hub_model_id: str = field(default="", metadata={
+        "help": "The Hub repository to upload to, `namespace/name`; default: the output directory's name in your "
+                "namespace."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub repository private (--no_hub_private: "
+                                                              "public)."})
 
     _help_groups = {
         "model": ("model", "quantization", "dtype", "hf_token"),
         "data": ("dataset", "dataset_split", "eval_dataset", "eval_split", "prompt_column", "completion_column",
-                 "seq_length", "packing", "packed_attention", "completion_only_loss", "max_eval_samples"),
+                 "seq_length", "packing", "packed_attention", "completion_only_loss", "max_eval_samples",
+                 "extensions", "max_file_bytes"),
+        "fill-in-the-middle": ("fim_rate", "fim_spm_rate", "fim_loss"),
         "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
-        "training": ("batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
+        "training": ("batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+                     "learning_rate",
                      "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "eval_steps", "logging_steps"),
         "speed": ("recipe", "gradient_checkpointing", "fp32_upcast", "fp32_adapter", "mixed_precision",
                   "check_memory"),
         "output and resume": ("output_dir", "resume", "overwrite_output_dir", "grace_period_seconds"),
         "W&B": ("report_to", "wandb_project"),
-        "evaluation": ("humaneval", "humaneval_limit"),
+        "evaluation": ("humaneval", "humaneval_infilling", "humaneval_limit"),
+        "the Hub": ("push_to_hub", "hub_model_id", "hub_private"),
     }
 
     def __post_init__(self):
         check_given(model=self.model, dataset=self.dataset, output_dir=self.output_dir,
                     prompt_column=self.prompt_column, completion_column=self.completion_column,
                     wandb_project=self.wandb_project, dataset_split=self.dataset_split)
-        check_positive(batch_size=self.batch_size, max_train_steps=self.max_train_steps, lora_r=self.lora_r,
-                       eval_steps=self.eval_steps, logging_steps=self.logging_steps,
-                       max_eval_samples=self.max_eval_samples,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps)
+        if self.max_train_steps is None and self.num_train_epochs is None:
+            self.max_train_steps = DEFAULT_STEPS
+        # Every count bounded by what it means; the data and the model bound batch, rank and length once known.
+        check_counts(batch_size=self.batch_size, lora_r=self.lora_r, eval_steps=self.eval_steps,
+                     logging_steps=self.logging_steps, max_eval_samples=self.max_eval_samples,
+                     gradient_accumulation_steps=self.gradient_accumulation_steps,
+                     **({"max_train_steps": self.max_train_steps} if self.max_train_steps is not None else {}))
+        require(self.num_train_epochs is None or (math.isfinite(self.num_train_epochs)
+                                                  and 0 < self.num_train_epochs <= MAX_COUNT),
+                f"--num_train_epochs must be a positive number, got {self.num_train_epochs}")
+        for name in ("fim_rate", "fim_spm_rate"):
+            value = getattr(self, name)
+            require(value is None or (math.isfinite(value) and 0 <= value <= 1),
+                    f"--{name} must be a share, 0 to 1, got {value}")
+        check_counts(max_file_bytes=self.max_file_bytes)
+        if self.push_to_hub and self.hub_model_id:
+            check_repo_id(self.hub_model_id)
+        require(self.grace_period_seconds <= DAY, f"--grace_period_seconds must be at most {DAY} (a day), got "
+                                                  f"{self.grace_period_seconds}")
         require(self.seq_length >= 2, f"--seq_length must be at least 2 (a token and the one it predicts), got "
                                       f"{self.seq_length}")
         for name in ("learning_rate", "grace_period_seconds"):
@@ -191,12 +264,13 @@ class TrainArguments:
         require(0 <= self.seed < 2**32, f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {self.seed}")
         require(self.warmup_steps is None or self.warmup_ratio is None, "give --warmup_steps or --warmup_ratio, "
                                                                         "not both")
-        require(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup_steps must be 0 or more, got "
-                                                                     f"{self.warmup_steps}")
+        require(self.warmup_steps is None or 0 <= self.warmup_steps <= (self.max_train_steps or MAX_COUNT),
+                f"--warmup_steps must be 0 to --max_train_steps, got {self.warmup_steps}")
         require(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, f"--warmup_ratio must be at least 0 and "
                                                                           f"below 1, got {self.warmup_ratio}")
-        require(self.humaneval_limit >= 0, f"--humaneval_limit must be 0 (all problems) or more, got "
-                                           f"{self.humaneval_limit}")
+        require(0 <= self.humaneval_limit <= HUMANEVAL_PROBLEMS, f"--humaneval_limit must be 0 (all "
+                                                                 f"{HUMANEVAL_PROBLEMS} problems) to "
+                                                                 f"{HUMANEVAL_PROBLEMS}, got {self.humaneval_limit}")
         if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
             raise UsageError(f"--quantization fp8 computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} "
                              f"cannot be used with it")
@@ -210,6 +284,14 @@ class TrainArguments:
         if self.warmup_ratio is not None:
             return self.warmup_ratio
         return self.warmup_steps if self.warmup_steps is not None else min(10, self.max_train_steps // 10)
+
+    def steps_for(self, examples: int, world: int) -> int:
+        """The optimizer steps of --num_train_epochs over `examples` (blocks, when packed), as the Trainer counts
+        them; --max_train_steps when given."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        per_epoch = max(1, math.ceil(examples / (self.batch_size * world)) // self.gradient_accumulation_steps)
+        return max(1, math.ceil(self.num_train_epochs * per_epoch))
 
 
 # The recipes measured side by side in bench/recipes.py and docs/PERFORMANCE.md, as TrainArguments values.
@@ -271,10 +353,89 @@ def build_parser(*dataclass_types, description: str | None = None) -> HfArgument
     return parser
 
 
+CONFIG_FORMATS = (".yaml", ".yml", ".json")
+
+
+def _unique_keys(pairs, name: str) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise UsageError(f"{name} sets {', '.join(repeated)} twice; set each once")
+    return dict(pairs)
+
+
+def read_config_file(path: str) -> dict:
+    """A run's settings from a YAML or JSON file: a mapping of argument names to values (keys set twice refused)."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"the configuration file {path!r} cannot be read: {error}") from None
+    try:
+        if path.lower().endswith(".json"):
+            import json
+
+            settings = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
+        else:
+            import yaml
+
+            class UniqueKeys(yaml.SafeLoader):
+                def construct_mapping(self, node, deep=False):
+                    return _unique_keys([(self.construct_object(k, deep), self.construct_object(v, deep))
+                                         for k, v in node.value], path)
+
+            settings = yaml.load(text, Loader=UniqueKeys)
+    except UsageError:
+        raise
+    except Exception as error:  # json and yaml raise their own types; the user needs the first line
+        raise UsageError(f"the configuration file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}"
+                         f": {str(error).splitlines()[0][:200]}") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"the configuration file {path!r} must hold a mapping of argument names to values, not "
+                         f"a {type(settings).__name__}")
+    return settings
+
+
+def _as_tokens(settings: dict, parser, path: str) -> list[str]:
+    """A configuration file's settings as the command-line flags they stand for, so argparse checks their types."""
+    destinations = {action.dest: action for action in parser._actions if action.option_strings}
+    tokens = []
+    for key, value in settings.items():
+        if not isinstance(key, str) or key not in destinations:
+            raise UsageError(f"{path}: unknown setting {key!r}; its keys are the arguments' names (see --help)")
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            raise UsageError(f"{path}: {key} must be a value, not a mapping")
+        values = value if isinstance(value, list) else [value]
+        tokens += [destinations[key].option_strings[0],
+                   *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return tokens
+
+
+def _refuse_repeats(parser, argv: list[str]) -> None:
+    """A value given twice (under one spelling or two, --lora_r and --lora-r, or a flag and its --no_ form) is
+    refused: the last would win silently."""
+    by_flag = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    given: dict[str, str] = {}
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        dest = by_flag.get(flag) if token.startswith("--") else None
+        if dest is None:
+            continue
+        if dest in given:
+            raise UsageError(f"{flag} is given twice ({given[dest]} came first); give each argument once")
+        given[dest] = flag
+
+
 def parse(*dataclass_types, argv=None, description: str | None = None):
-    """Parse argv into the given dataclasses (only scripts' `__main__` blocks and tests call this). A --recipe
-    becomes the parser's defaults, so flags given explicitly still win."""
+    """Parse argv into the given dataclasses (only scripts' `__main__` blocks and tests call this). The first
+    argument may be a YAML or JSON file of settings, which the flags after it override; a --recipe becomes the
+    parser's defaults, so settings given explicitly still win."""
     parser = build_parser(*dataclass_types, description=description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_repeats(parser, argv)
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FORMATS):
+        argv = _as_tokens(read_config_file(argv[0]), parser, argv[0]) + argv[1:]
     known, unknown = parser.parse_known_args(args=argv)
     if unknown:
         raise UsageError(f"unknown arguments {unknown}; see --help")
@@ -283,15 +444,25 @@ def parse(*dataclass_types, argv=None, description: str | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def _stop_before_training(number, frame):
+    """A stop while the run loads (or evaluates, after training): nothing to save here that a rerun does not redo."""
+    raise Stopped(f"stopped by {signal.Signals(number).name} before training started or after it ended; run the "
+                  f"same command again to go on", 128 + number)
+
+
 def run(main, *dataclass_types, argv=None):
-    """Parse, call `main(*args)`, and turn a UsageError into one line on stderr and exit status 2 (a stop by signal
-    into its exit status, a finished run's rerun into one line and exit 0). The calling script's docstring is the
-    --help description."""
+    """Parse, check the environment, call `main(*args)`, and turn a UsageError into one line on stderr and exit
+    status 2 (a write that failed into one line and exit status 1, a stop by signal into its exit status, a finished
+    run's rerun into one line and exit 0). The calling script's docstring is the --help description."""
     if hasattr(sys.stdout, "reconfigure"):  # a real stream (not a notebook's or a test's capture)
         sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, also through a pipe
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGINT):  # training installs its own, which checkpoints first
+            signal.signal(number, _stop_before_training)
     try:
         arguments = parse(*dataclass_types, argv=argv, description=sys.modules[main.__module__].__doc__)
         secrets.scrub_argv(arguments)
+        environment.check(uses_wandb=any(getattr(a, "report_to", None) == "wandb" for a in arguments))
         from . import console  # after parsing: --help and a bad flag answer before the heavy libraries load
 
         console.quiet_progress_bars()
@@ -299,6 +470,9 @@ def run(main, *dataclass_types, argv=None):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except Stopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)

@@ -92,12 +92,29 @@ class Progress:
             self.bar.close()
 
 
-def _throughput(metrics: dict) -> str:
+STABLE_STEPS, STABLE_SPREAD = 5, 0.10  # below 5 measured steps, or steps 10% apart, a figure is not to be trusted
+
+
+def stability_warning(name: str, metrics: dict) -> str | None:
+    """A warning line when a run's throughput rests on too few measured steps, or on steps too far apart."""
+    if "measured_steps" not in metrics:
+        return None
+    if metrics["measured_steps"] < STABLE_STEPS:
+        why = f"only {metrics['measured_steps']} measured step(s)"
+    elif metrics["step_time_spread"] > STABLE_SPREAD:
+        why = f"its step times vary by {metrics['step_time_spread']:.0%}"
+    else:
+        return None
+    return (f"warning: {name}: {why}, so its tokens/s is not a stable figure; raise --max_train_steps "
+            f"(at least {STABLE_STEPS} steps after the warm-up)")
+
+
+def _throughput(metrics: dict, unit: str) -> str:
     parts = []
     if metrics.get("tokens_per_second") is not None:
         world = metrics.get("world_tokens_per_second")
         parts.append(f"{metrics['tokens_per_second']:,.0f} tokens/s"
-                     + (f" per GPU ({world:,.0f} tokens/s in all)" if world is not None else ""))
+                     + (f" per {unit} ({world:,.0f} tokens/s in all)" if world is not None else ""))
         parts.append(f"{metrics['model_tflops']:.3g} model TFLOP/s")
         parts.append(f"MFU {metrics['mfu']:.1%}" if metrics.get("mfu") is not None
                      else "no MFU (no peak TFLOP/s known for this device; set PEAK_TFLOPS)")
@@ -106,18 +123,25 @@ def _throughput(metrics: dict) -> str:
     return ", ".join(parts)
 
 
-def summary(output_dir: str, best_checkpoint: str | None, metrics: dict, where: str | None) -> None:
-    """The last lines of a training run: where the adapter is, what it changed, how fast it trained, where W&B is."""
+def summary(output_dir: str, best_checkpoint: str | None, metrics: dict, where: str | None,
+            unit: str = "GPU") -> None:
+    """The last lines of a training run: where the adapter is, what it changed, how fast it trained (per `unit`, GPU
+    or process), where W&B is."""
     best = f" (the best checkpoint, {best_checkpoint})" if best_checkpoint else ""
+    count = metrics["held_out_examples"]
     lines = [f"done: {metrics['global_step']} steps; adapter in {output_dir}{best}",
-             f"held-out loss: base {metrics['base_loss']:.4f} -> adapter {metrics['adapter_loss']:.4f} (perplexity "
-             f"{metrics['base_perplexity']:.4g} -> {metrics['adapter_perplexity']:.4g})"]
-    if "humaneval_adapter_pass@1" in metrics:
-        lines.append(f"HumanEval pass@1 ({metrics['humaneval_problems']} problems): base "
-                     f"{metrics['humaneval_base_pass@1']:.1%} -> adapter {metrics['humaneval_adapter_pass@1']:.1%}")
-    throughput = _throughput(metrics)
+             f"held-out loss over {count} example{'s' * (count != 1)}: base {metrics['base_loss']:.4f} -> adapter "
+             f"{metrics['adapter_loss']:.4f} (perplexity {metrics['base_perplexity']:.4g} -> "
+             f"{metrics['adapter_perplexity']:.4g})"]
+    for prefix, title, what in (("humaneval", "HumanEval", "problems"),
+                                ("humaneval_infilling", "HumanEval single-line infilling", "tasks")):
+        if f"{prefix}_adapter_pass@1" in metrics:
+            lines.append(f"{title} pass@1 ({metrics[f'{prefix}_{what}']} {what}): base "
+                         f"{metrics[f'{prefix}_base_pass@1']:.1%} -> adapter {metrics[f'{prefix}_adapter_pass@1']:.1%}")
+    throughput = _throughput(metrics, unit)
     if throughput:
         lines.append(f"throughput: {throughput}")
+        lines += [warning for warning in [stability_warning("throughput", metrics)] if warning]
     if where:
         lines.append(where)
     print("\n".join(lines), flush=True)

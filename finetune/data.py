@@ -285,13 +285,13 @@ def check_labels(tokenized: Dataset, what: str, seq_length: int) -> None:
 
 def load_splits(dataset: str, prompt_column: str, completion_column: str, tokenizer, token: str | None,
                 max_eval_samples: int, seed: int, dataset_split: str = "train", eval_dataset: str = "",
-                eval_split: str = "") -> tuple[Dataset, Dataset, str]:
-    """Training and held-out examples, and their format: the held-out ones from `eval_dataset` (its `eval_split`,
-    default train) or `dataset`'s `eval_split`, at most `max_eval_samples` of them drawn with `seed`; otherwise held
-    out from `dataset` (`split`)."""
+                eval_split: str = "") -> tuple[Dataset, Dataset, str, str]:
+    """Training and held-out examples, their format, and a digest of the data read (whatever the split): the
+    held-out ones from `eval_dataset` (its `eval_split`, default train) or `dataset`'s `eval_split`, at most
+    `max_eval_samples` of them drawn with `seed`; otherwise held out from `dataset` (`split`)."""
     examples, data_format = load_examples(dataset, prompt_column, completion_column, token, tokenizer, dataset_split)
     if not (eval_dataset or eval_split):
-        return *split(examples, max_eval_samples, seed), data_format
+        return *split(examples, max_eval_samples, seed), data_format, fingerprint(examples)
     source = eval_dataset or dataset
     if source == dataset and (eval_split or "train") == dataset_split:
         raise UsageError(f"--eval_split {eval_split or 'train'!r} is the split trained on; hold out another split, "
@@ -301,8 +301,9 @@ def load_splits(dataset: str, prompt_column: str, completion_column: str, tokeni
     if held_out_format != data_format:
         raise UsageError(f"the held-out data {source!r} is {held_out_format} data and the training data "
                          f"{dataset!r} is {data_format}; evaluate on data of the same kind")
+    digest = fingerprint(examples, held_out)
     held_out = held_out.shuffle(seed=seed).select(range(min(len(held_out), max_eval_samples)))
-    return examples, held_out, data_format
+    return examples, held_out, data_format, digest
 
 
 FEW_HELD_OUT = 20  # below this many examples a held-out loss says little

@@ -16,6 +16,11 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
+class WriteFailed(Exception):
+    """A write the run needed failed (disk full, read-only, permission): one `error: ...` line naming the path, the
+    cause and the last complete checkpoint, exit status 1 (a retry may succeed once space is freed)."""
+
+
 class Finished(Exception):
     """The run in --output_dir already finished with this configuration: the rerun changes nothing and exits 0 (a
     Kubernetes Job that retries a pod after training finished must not train further)."""

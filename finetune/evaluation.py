@@ -34,6 +34,7 @@ def compare(model, eval_set, tokenizer, batch_size: int) -> dict[str, float]:
             "adapter_loss": adapted, "adapter_perplexity": math.exp(adapted)}
 
 
-def describe(comparison: dict[str, float]) -> str:
-    return (f"held-out loss: base {comparison['base_loss']:.4f} (perplexity {comparison['base_perplexity']:.4g}) -> "
-            f"base + adapter {comparison['adapter_loss']:.4f} (perplexity {comparison['adapter_perplexity']:.4g})")
+def describe(comparison: dict[str, float], examples: int) -> str:
+    return (f"held-out loss over {examples} example{'s' * (examples != 1)}: base {comparison['base_loss']:.4f} "
+            f"(perplexity {comparison['base_perplexity']:.4g}) -> base + adapter {comparison['adapter_loss']:.4f} "
+            f"(perplexity {comparison['adapter_perplexity']:.4g})")

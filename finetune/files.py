@@ -2,11 +2,15 @@
 process's umask; read back as untrusted input: a file that is missing its content, hand-edited into the wrong shape,
 a directory, or a symbolic link the toolkit did not create is named in one `error:` line that says what to do."""
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
-from .errors import UsageError, first_line
+from .errors import UsageError, WriteFailed, first_line
 
 
 def fsync(path: Path) -> None:
@@ -77,3 +81,38 @@ def share(path: Path) -> None:
     for item in [Path(path), *(Path(path).rglob("*") if Path(path).is_dir() else [])]:
         if not item.is_symlink():
             item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+# A write that failed for want of space or permission, not a bug: each becomes one line (errors.WriteFailed).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_failure(error: BaseException, directory: Path) -> tuple[str, str] | None:
+    """(path, cause) when `error` is a write that failed for want of space or permission, else None. torch.save and
+    safetensors report such failures in their own words, without the path."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        return str(error.filename or directory), error.strerror or first_line(error)
+    text = str(error)
+    reported = re.search(r'message: "([^"]+)"', text)  # safetensors: IoError(Os { ..., message: "..." })
+    if reported and "Os {" in text:
+        return str(directory), reported.group(1)
+    if "PytorchStreamWriter" in text or "inline_container" in text or "file write failed" in text:
+        free = shutil.disk_usage(directory).free if directory.exists() else 0
+        return str(directory), "No space left on device" if free < 64 * 2**20 else first_line(error)[:120]
+    return None
+
+
+@contextlib.contextmanager
+def writes_into(directory: str, last_good):
+    """Turn a failed write under `directory` into one line naming the path, the cause and `last_good()` (the last
+    complete checkpoint), and saying how to go on."""
+    try:
+        yield
+    except Exception as error:  # only write failures are turned into a line; anything else propagates as it was
+        failure = _write_failure(error, Path(directory))
+        if failure is None:
+            raise
+        path, cause = failure
+        raise WriteFailed(f"could not write {path}: {cause}; the last complete checkpoint is {last_good() or 'none'}. "
+                          f"Free space (or fix the permission) and run the same command again: it resumes from "
+                          f"there") from None

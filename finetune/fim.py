@@ -39,16 +39,41 @@ class Fim:
     eos: int | None
 
 
-def tokens(tokenizer, model: str) -> FimTokens:
-    """The tokenizer's FIM token ids; a tokenizer without them is refused."""
+DEFAULT_RATE = 0.5  # bigcode's StarCoder pretraining and the personal-copilot recipe
+
+
+def find(tokenizer) -> FimTokens | None:
+    """The tokenizer's FIM token ids, or None if it has none."""
     vocabulary = tokenizer.get_vocab()
     found = {role: next((vocabulary[s] for s in spellings if s in vocabulary), None)
              for role, spellings in SPELLINGS.items()}
-    if None in found.values():
+    return None if None in found.values() else FimTokens(**found)
+
+
+def tokens(tokenizer, model: str) -> FimTokens:
+    """The tokenizer's FIM token ids; a tokenizer without them is refused."""
+    found = find(tokenizer)
+    if found is None:
         raise UsageError(f"{model!r}'s tokenizer has no fill-in-the-middle tokens ({', '.join(SPELLINGS['prefix'])} "
                          f"and the like): --fim_rate needs a model pretrained with FIM (StarCoder, StarCoder2, "
                          f"Qwen2.5-Coder); use --fim_rate 0")
-    return FimTokens(**found)
+    return found
+
+
+def options(args, tokenizer, data_format: str) -> "Fim | None":
+    """How this run turns examples into FIM form, or None: --fim_rate, by default DEFAULT_RATE for code (text data,
+    source trees) when the tokenizer has FIM tokens. FIM has no prompt to mask, so it is refused for prompt/
+    completion pairs and conversations, and for a tokenizer without the tokens."""
+    rate = args.fim_rate
+    if rate is None:
+        rate = DEFAULT_RATE if data_format == "text" and find(tokenizer) else 0.0
+    if not rate:
+        return None
+    if data_format != "text":
+        raise UsageError(f"--fim_rate {rate:g} trains code in fill-in-the-middle form, and this data is "
+                         f"{data_format.replace('_', ' ')} data; use text or a source tree, or --fim_rate 0")
+    return Fim(tokens(tokenizer, args.model), rate, args.fim_spm_rate, args.fim_loss == "middle",
+               tokenizer.eos_token_id)
 
 
 def permute(ids: list[int], fim: Fim, rng: random.Random) -> tuple[list[int], list[int]]:

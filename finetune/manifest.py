@@ -46,9 +46,13 @@ def provenance() -> dict:
     }
 
 
-def write(output_dir: str, arguments: list, metrics: dict) -> Path:
+def write(output_dir: str, arguments: list, metrics: dict, outputs: dict[str, list] | None = None,
+          best_checkpoint: str | None = None) -> Path:
+    """The finished run's record: arguments, provenance, final metrics, the files it wrote at the top of its output
+    directory with their size and SHA-256 (what --overwrite_output_dir removes, and how a rerun verifies the final
+    adapter), and the checkpoint the adapter came from (to rebuild it from)."""
     manifest = {"arguments": {type(a).__name__: dataclasses.asdict(a) for a in arguments}, **provenance(),
-                "metrics": metrics}
+                "metrics": metrics, "outputs": outputs or {}, "best_checkpoint": best_checkpoint}
     path = Path(output_dir) / "manifest.json"
     write_atomically(path, json.dumps(redact(manifest), indent=1, default=str))
     return path

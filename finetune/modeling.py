@@ -203,6 +203,17 @@ def lora_targets(config, requested) -> list[str]:
     return [name for name in targets if name in available]
 
 
+def check_rank(config, targets, rank: int) -> None:
+    """A LoRA rank no larger than the smallest layer it adapts: B A cannot have a higher rank than its layer."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    smallest = min(min(module.weight.shape) for name, module in skeleton.named_modules()
+                   if name.rsplit(".", 1)[-1] in targets and isinstance(module, (torch.nn.Linear, Conv1D)))
+    if rank > smallest:
+        raise UsageError(f"--lora_r {rank} is above the rank of the smallest layer it adapts ({smallest}); LoRA's "
+                         f"update cannot have a higher rank than its layer: lower --lora_r")
+
+
 def add_lora(model, config: LoraConfig, fp32_upcast: bool = False, gradient_checkpointing: bool = False,
              fp32_adapter: bool = False):
     """Freeze the base and wrap it with a trainable LoRA adapter.

@@ -12,8 +12,9 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig, set_seed
 
-from . import attention, checkpointing, chunked_loss, data, fp8, memory, modeling
+from . import attention, checkpointing, chunked_loss, data, fim, fp8, hub, memory, modeling, tracking
 from .cli import TrainArguments
+from .errors import UsageError
 
 
 @dataclass
@@ -24,41 +25,63 @@ class Prepared:
     eval_set: Dataset
     resume_from: str | None  # the checkpoint this run continues from, or None for a fresh start
     run_config: dict  # what a resumed run must share with this one (recorded with the first checkpoint)
+    finished_at: int = 0  # the step a finished run ended at, when a raised --max_train_steps trains it on
+    fim_tokens: fim.FimTokens | None = None  # the tokenizer's FIM tokens, when it has them
+    existing: dict = dataclasses.field(default_factory=dict)  # top-level files before the run (checkpointing.start)
 
 
 def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None,
             lora: LoraConfig | None = None) -> Prepared:
     """Part 1 up to training. `quantization` and `lora` are the two configurations base_example.py builds in view;
     when not given they are built the same way from `args`."""
+    tracking.choose_mode(args)
+    hub.check(args)
     modeling.check_quantization(args.quantization)
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
     config = modeling.check_model(args.model, args.seq_length, token)
     lora = dataclasses.replace(lora, target_modules=modeling.lora_targets(config, lora.target_modules))
+    modeling.check_rank(config, lora.target_modules, lora.r)
     memory.check(args, config, lora.target_modules, chunked_loss=not modeling.fsdp_enabled())
     tokenizer = modeling.load_tokenizer(args.model, token)
 
-    train_examples, eval_examples, data_format = data.load_splits(
+    train_examples, eval_examples, data_format, digest = data.load_splits(
         args.dataset, args.prompt_column, args.completion_column, tokenizer, token, args.max_eval_samples, args.seed,
         args.dataset_split, args.eval_dataset, args.eval_split)
     completion_only = data.has_prompts(train_examples) if args.completion_only_loss is None \
         else args.completion_only_loss
     per_example = args.packing and args.packed_attention == "per_example"
     append_eos = data_format != "chat_template"  # a chat template ends each turn itself
+    fim_options = fim.options(args, tokenizer, data_format)
+    fim_tokens = fim.tokens(tokenizer, args.model) if args.humaneval_infilling else fim.find(tokenizer)
     train_set = data.tokenize(train_examples, tokenizer, args.seq_length, args.packing, completion_only, per_example,
-                              append_eos)
+                              append_eos, fim_options, args.seed)
     eval_set = data.tokenize(eval_examples, tokenizer, args.seq_length, completion_only=completion_only,
                              append_eos=append_eos)
-    data.check_labels(train_set, "packed training blocks" if args.packing else "training examples", args.seq_length)
+    what = "packed training blocks" if args.packing else "training examples"
+    data.check_labels(train_set, what, args.seq_length)
     data.check_labels(eval_set, "held-out examples", args.seq_length)
     data.warn_if_few_held_out(len(eval_set))
-    run_config = {**checkpointing.comparable(args, data.fingerprint(train_examples, eval_examples)),
-                  "data_format": data_format}
-    resume_from = checkpointing.claim(args, run_config)  # --resume auto: the newest intact checkpoint of this run
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    per_step = args.batch_size * args.gradient_accumulation_steps * world
+    if per_step > len(train_set):
+        raise UsageError(f"a step takes {per_step} {what} (--batch_size {args.batch_size} x "
+                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x {world} process"
+                         f"{'es' * (world > 1)}) and there are {len(train_set)}; lower --batch_size")
+    if args.num_train_epochs is not None:
+        steps = args.steps_for(len(train_set), world)
+        print(f"--max_train_steps {args.max_train_steps} wins over --num_train_epochs {args.num_train_epochs:g}"
+              if args.max_train_steps is not None else
+              f"{args.num_train_epochs:g} epoch(s) of {len(train_set):,} {what} at {per_step} a step: {steps} steps",
+              flush=True)
+        args.max_train_steps = steps
+    run_config = {**checkpointing.comparable(args, digest), "data_format": data_format}
+    # --resume auto: the newest intact checkpoint of this run; and the step a finished run ended at, if it trains on
+    resume_from, finished_at = checkpointing.claim(args, run_config)
 
     model = model_for_training(args, quantization, lora, args.model, per_example, tokenizer.pad_token_id, token=token)
-    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config)
+    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config, finished_at, fim_tokens)
 
 
 def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | None, lora: LoraConfig,

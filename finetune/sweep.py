@@ -29,9 +29,9 @@ METRICS = ["tokens_per_second", "samples_per_second", "model_tflops", "mfu", "pe
            "step_time_spread"]
 COLUMNS = ["name", *AXES, "status", "error", *METRICS]
 RESULT = "result.json"
+FINISHED = ("ok", "oom", "error")  # a configuration measured (or failed for good); "stopped" is measured again
 AUTO_MAX_BATCH = 1024
 AUTO_MIN_GAIN = 1.03  # doubling the batch must buy 3% more tokens/s to keep going
-STABLE_STEPS, STABLE_SPREAD = 5, 0.10  # below 5 measured steps, or steps 10% apart, a figure is not to be trusted
 
 
 def _parse_list(name: str, text: str, parse, what: str) -> list:
@@ -41,11 +41,14 @@ def _parse_list(name: str, text: str, parse, what: str) -> list:
             values.append(parse(part))
         except ValueError:
             raise UsageError(f"--{name} {text!r}: {part!r} is not {what}; give a comma-separated list") from None
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise UsageError(f"--{name} {text!r} lists {', '.join(repeated)} more than once; list each value once")
     return values
 
 
 def _whole_number(text: str, minimum: int = 0) -> int:
-    if not text.isdigit() or int(text) < minimum:
+    if not text.isdigit() or not minimum <= int(text) <= AUTO_MAX_BATCH:
         raise ValueError(text)
     return int(text)
 
@@ -62,7 +65,8 @@ class SweepArguments:
     _argument_group_name = "sweep (Part 4: the study)"
 
     sweep_batch_sizes: str = field(default="", metadata={
-        "help": "Comma-separated batch sizes, or `auto` (double from 1 until OOM or no gain)."})
+        "help": f"Comma-separated batch sizes (up to {AUTO_MAX_BATCH}), or `auto` (double from 1 until OOM or no "
+                f"gain)."})
     sweep_num_workers: str = field(default="", metadata={"help": "Comma-separated worker counts."})
     sweep_pin_memory: str = field(default="", metadata={"help": "e.g. `true,false`."})
     sweep_packing: str = field(default="", metadata={"help": "e.g. `false,true`."})
@@ -99,6 +103,20 @@ def config_name(config: dict) -> str:
         **config)
 
 
+def read_result(path: Path) -> dict | None:
+    """A configuration's result.json, or None: absent, or damaged (one warning line; it is measured again)."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        row = json.loads(path.read_text())
+        if isinstance(row, dict) and set(COLUMNS) <= row.keys():
+            return row
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    print(f"warning: {path} is not a result this sweep wrote; measuring its configuration again", flush=True)
+    return None
+
+
 def write_result(directory: str, config: dict, status: str, metrics: dict | None = None, error: str = "") -> dict:
     row = {"name": config_name(config), **config, "status": status, "error": error,
            **{key: (metrics or {}).get(key) for key in METRICS}}
@@ -129,23 +147,15 @@ def _as_flags(*dataclass_values) -> list[str]:
     return flags
 
 
-def _stability_warning(row: dict) -> str | None:
-    if row["status"] != "ok":
-        return None
-    if row["measured_steps"] < STABLE_STEPS:
-        why = f"only {row['measured_steps']} measured step(s)"
-    elif row["step_time_spread"] > STABLE_SPREAD:
-        why = f"its step times vary by {row['step_time_spread']:.0%}"
-    else:
-        return None
-    return (f"warning: {row['name']}: {why}, so its tokens/s is not a stable figure; raise --max_train_steps "
-            f"(at least {STABLE_STEPS} steps after the warm-up)")
-
-
 def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, label: str) -> dict:
     """Train one configuration in a fresh process (an OOM or crash is contained, no memory carries over), echoing its
     log lines; a SIGTERM/SIGINT to this process is passed on to it."""
     directory = os.path.join(sweep_dir, config_name(config))
+    measured = read_result(Path(directory) / RESULT)
+    if measured and measured["status"] in FINISHED and not args.overwrite_output_dir:
+        print(f"[sweep {label}] {config_name(config)}: measured already ({measured['status']}); "
+              f"--overwrite_output_dir measures it again", flush=True)
+        return measured
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
                                      gradient_checkpointing=config["gradient_checkpointing"],
                                      packing=config["packing"], recipe=None, overwrite_output_dir=True,  # measure anew
@@ -157,7 +167,12 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
         # Its own session: a terminal's Ctrl-C reaches only this process, which passes it on once.
         child = subprocess.Popen([sys.executable, script, *_as_flags(child_args, child_speed)], env=env,
                                  stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
-        forward = lambda number, frame: child.send_signal(number)  # noqa: E731
+        received = []  # a stop at any moment stops the sweep, whatever the child makes of it (still loading, say)
+
+        def forward(number, frame):
+            received.append(number)
+            child.send_signal(number)
+
         previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGINT)}
         try:
             for line in child.stdout:
@@ -171,14 +186,17 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
         errors = stderr.read()
     if child.returncode == 0 and os.path.exists(os.path.join(directory, RESULT)):
         row = json.load(open(os.path.join(directory, RESULT)))
-        warning = _stability_warning(row)
+        from .console import stability_warning  # here, not at the top: --help needs no transformers
+
+        warning = stability_warning(row["name"], row) if row["status"] == "ok" else None
         if warning:
             print(f"[sweep {label}] {warning}", flush=True)
         return row
-    if child.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
-        write_result(directory, config, "stopped", error=f"stopped by signal {child.returncode - 128}")
+    if received or child.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        number = received[-1] if received else child.returncode - 128
+        write_result(directory, config, "stopped", error=f"stopped by signal {number}")
         raise Stopped(f"sweep stopped during {config_name(config)} (recorded as stopped); rerun the command to "
-                      f"measure the configurations not yet done", child.returncode)
+                      f"measure the configurations not yet done (those measured stay as they are)", 128 + number)
     status, message = child_failure(errors)
     return write_result(directory, config, status, error=message)
 
@@ -222,8 +240,16 @@ def main(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
     """The study: merge separate jobs' results, or run the sweep (each child its own W&B run in the sweep's group,
     plus a summary run with the table and plots)."""
     if sweeping.merge_results:
+        missing = [d for d in sweeping.merge_results if not Path(d).is_dir()]
+        if missing:
+            raise UsageError(f"--merge_results: {', '.join(missing)} is not a directory")
+        if not collect(sweeping.merge_results):
+            raise UsageError(f"--merge_results: no {RESULT} in {', '.join(sweeping.merge_results)} or one level "
+                             f"below; point it at the sweep jobs' output directories")
         return merge(sweeping.merge_results, args.output_dir, speed.memory_budget_gib)
-    tracking.configure(args)  # the children inherit these settings
+    check_inputs(args)
+    tracking.choose_mode(args)  # the children inherit these settings
+    tracking.configure(args)
     os.environ.setdefault("WANDB_RUN_GROUP", os.path.basename(os.path.abspath(args.output_dir)))
     os.environ["WANDB_JOB_TYPE"] = "sweep"
     rows = run(script, args, speed, sweeping)
@@ -232,13 +258,28 @@ def main(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
     return rows
 
 
+def check_inputs(args) -> None:
+    """What every configuration would refuse, refused once before the first starts: the output directory, the model
+    and the data; and steps by epochs (configurations with other batch sizes would train different numbers of
+    steps, and their figures would not compare)."""
+    from . import checkpointing, data, modeling
+
+    if args.num_train_epochs is not None:
+        raise UsageError("a sweep compares configurations at the same number of steps: give --max_train_steps, not "
+                         "--num_train_epochs")
+    checkpointing.check_output_dir(args.output_dir)
+    modeling.check_model(args.model, args.seq_length, args.hf_token or None)
+    data.load_examples(args.dataset, args.prompt_column, args.completion_column, args.hf_token or None,
+                       modeling.load_tokenizer(args.model, args.hf_token or None), args.dataset_split)
+
+
 def collect(directories: list[str]) -> list[dict]:
     """Every result.json in the given directories or one level below them, in a stable order."""
     rows = {}
     for directory in directories:
         for path in [Path(directory) / RESULT, *sorted(Path(directory).glob(f"*/{RESULT}"))]:
-            if path.is_file():
-                row = json.loads(path.read_text())
+            row = read_result(path)
+            if row is not None:
                 rows[row["name"]] = row
     return sorted(rows.values(), key=lambda row: [row[axis] for axis in AXES[1:]] + [row["batch_size"]])
 

@@ -1,19 +1,26 @@
-"""W&B: online when credentials are set and the server answers, offline under --output_dir otherwise, one run per
-output directory (a resumed run continues it), with every argument, the GPU and its peak in the run's config."""
+"""W&B: online when credentials are set and the server answers, offline under --output_dir otherwise (also when it
+stops answering while the run starts), one run per output directory (a resumed run continues it), with every
+argument, the GPU and its peak in the run's config."""
 
 import dataclasses
 import glob
 import netrc
 import os
 import random
-import socket
+import re
 import string
+import urllib.error
+import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
+from . import files
+from .errors import UsageError
 from .secrets import redact
 
 SERVER_TIMEOUT_SECONDS = 5
+INIT_TIMEOUT_SECONDS = 60  # wandb.init's own deadline, should the server stop answering after the first check
+ID_FILE = "wandb_run_id"
+RUN_ID = re.compile(r"[a-z0-9]{1,64}")
 
 
 def _credentials() -> bool:
@@ -26,38 +33,66 @@ def _credentials() -> bool:
 
 
 def _server_answers() -> bool:
-    """A TCP connection to the W&B server within a few seconds: without one, wandb.init waits minutes, then fails."""
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    """An HTTP answer (any status) from the W&B server within a few seconds. Without one wandb.init waits minutes and
+    fails; a server that accepts the connection and never answers is caught here too."""
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/") + "/healthz"
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=SERVER_TIMEOUT_SECONDS).close()
+        urllib.request.urlopen(url, timeout=SERVER_TIMEOUT_SECONDS).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:  # it answered, with an error status: it is there
+        return True
+    except (OSError, ValueError):  # refused, unreachable, timed out, or no such host
         return False
 
 
-def configure(args) -> None:
+def _offline(why: str) -> None:
+    print(f"warning: {why}; logging offline under {os.environ['WANDB_DIR']} (upload later with wandb sync)",
+          flush=True)
+    os.environ["WANDB_MODE"] = "offline"
+
+
+def choose_mode(args) -> None:
     """Point W&B at the output directory and choose how it logs, for this process and the ones it starts (a sweep's
-    children): offline without credentials, or with one warning line when the server does not answer. The run id is
-    kept in the output directory, so a resumed run continues the same W&B run."""
+    children), before anything is written: offline without credentials (refused when WANDB_MODE=online asks for
+    online), or with one warning line when the server does not answer."""
     if args.report_to != "wandb":
         return
     os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
     os.environ.setdefault("WANDB_DIR", os.path.abspath(args.output_dir))
     os.environ.setdefault("WANDB_SILENT", "true")  # the end-of-run summary says where the run is
-    if "WANDB_MODE" not in os.environ:
-        if not _credentials():
-            os.environ["WANDB_MODE"] = "offline"
-        elif not _server_answers():
-            print(f"warning: the W&B server does not answer; logging offline under {os.environ['WANDB_DIR']} "
-                  f"(upload later with wandb sync)", flush=True)
-            os.environ["WANDB_MODE"] = "offline"
-    id_file = Path(args.output_dir) / "wandb_run_id"
-    if int(os.environ.get("RANK", 0)) == 0 and not id_file.is_file():
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return
+    if not _credentials():
+        if mode:
+            raise UsageError("WANDB_MODE=online needs a W&B API key: set WANDB_API_KEY (or run wandb login), or "
+                             "unset WANDB_MODE to log offline")
+        os.environ["WANDB_MODE"] = "offline"
+    elif not _server_answers():
+        _offline(f"the W&B server ({os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')}) does not answer "
+                 f"within {SERVER_TIMEOUT_SECONDS} s")
+
+
+def configure(args) -> None:
+    """Keep the run's W&B id in the output directory (once the directory is this run's), so a resumed run continues
+    the same W&B run. A damaged id file gives a new W&B run, with one warning."""
+    if args.report_to != "wandb":
+        return
+    id_file = Path(args.output_dir) / ID_FILE
+    files.refuse_link(id_file, "the run's W&B id")
+    if id_file.exists() and not id_file.is_file():
+        raise UsageError(f"{id_file} is not a file (the toolkit keeps the run's W&B id there): remove it")
+    run_id = id_file.read_text(errors="replace").strip() if id_file.is_file() else None
+    if run_id is not None and not RUN_ID.fullmatch(run_id):
+        print(f"warning: {id_file} does not hold a W&B run id ({run_id[:40]!r}); this run logs to a new W&B run",
+              flush=True)
+        run_id = None
+    if run_id is None and int(os.environ.get("RANK", 0)) == 0:
+        run_id = "".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8))
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text("".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8)))
-    if id_file.is_file():  # set, not setdefault: a sweep's children must not inherit the parent's run
-        os.environ["WANDB_RUN_ID"] = id_file.read_text().strip()
+        files.write_atomically(id_file, run_id)
+    if run_id:  # set, not setdefault: a sweep's children must not inherit the parent's run
+        os.environ["WANDB_RUN_ID"] = run_id
         os.environ["WANDB_RESUME"] = "allow"
 
 
@@ -77,12 +112,20 @@ def start_run(args, *more_arguments, job_type: str = "train") -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     job_type = os.environ.get("WANDB_JOB_TYPE", job_type)  # a sweep sets "sweep" for its children
     tags = [args.recipe or "custom", f"quantization:{args.quantization}", f"packing:{args.packing}", job_type]
-    wandb.init(project=os.environ["WANDB_PROJECT"], dir=os.environ["WANDB_DIR"],
+    run = dict(project=os.environ["WANDB_PROJECT"], dir=os.environ["WANDB_DIR"],
                name=os.path.basename(os.path.abspath(args.output_dir)), group=os.environ.get("WANDB_RUN_GROUP"),
                job_type=job_type, tags=tags,
                config={"arguments": arguments, "gpu": gpu, "gpu_count": max(torch.cuda.device_count(), 1),
                        "world_size": int(os.environ.get("WORLD_SIZE", 1)), "gpu_peak_bf16_tflops": peak_tflops(gpu),
                        "gpu_peak_fp8_tflops": peak_tflops(gpu, fp8=True)})
+    try:
+        wandb.init(**run, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_SECONDS))
+    except wandb.errors.Error as error:  # a server that answered the check and then stopped answering
+        if os.environ.get("WANDB_MODE") == "offline":
+            raise
+        _offline(f"W&B could not start an online run ({str(error).splitlines()[0][:100]})")
+        wandb.teardown()
+        wandb.init(**run, mode="offline")
 
 
 def end_run() -> str:

@@ -1,11 +1,13 @@
 """Training: the Trainer with our defaults, the run itself, and what a finished run leaves behind."""
 
+import dataclasses
 import os
+from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
-from . import checkpointing, console, evaluation, humaneval, manifest, tracking
+from . import checkpointing, console, evaluation, files, hub, humaneval, manifest, tracking
 from .cli import TrainArguments
 from .data import Collator
 from .modeling import compute_dtype
@@ -60,7 +62,7 @@ def build_trainer(args: TrainArguments, run: Prepared, callbacks=(), more_argume
     """The Trainer, writing checkpoints into a staging area that CheckpointCallback commits atomically, printing
     through ConsoleCallback, logging to a W&B run that holds all the arguments."""
     if int(os.environ.get("RANK", 0)) == 0:
-        checkpointing.start(args)
+        run.existing = checkpointing.start(args)
     tracking.configure(args)
     tracking.start_run(args, *more_arguments)
     trainer = Trainer(model=run.model, args=training_arguments(args, **training_overrides),
@@ -73,7 +75,35 @@ def build_trainer(args: TrainArguments, run: Prepared, callbacks=(), more_argume
                                                    grace_period=args.grace_period_seconds)
     trainer.callback_handler.callbacks[:0] = [*callbacks, checkpoints]
     trainer.add_callback(console.ConsoleCallback())
+    if run.finished_at:
+        trainer.add_callback(ScheduleSegment(run.finished_at, args))
     return trainer
+
+
+class ScheduleSegment(TrainerCallback):
+    """Training on from a finished run (--max_train_steps raised past it) means a further fine-tune of the same
+    adapter, with the optimizer's state: the added steps get a schedule of their own, warm-up and decay over them from
+    --learning_rate, as a fresh run's over its steps (a warm restart, Loshchilov and Hutter 2017, "SGDR"). The
+    Trainer would instead stretch the finished schedule over the new total, raising the rate from its end value to
+    wherever the stretched curve is. (A stopped run resumed with another --max_train_steps, which had not finished its
+    decay, keeps the Trainer's schedule over the new total.)"""
+
+    def __init__(self, start: int, args: TrainArguments):
+        self.start, self.args = start, args
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
+        steps = self.args.max_train_steps - self.start
+        warmup = dataclasses.replace(self.args, max_train_steps=steps).warmup
+        warmup = round(warmup * steps) if isinstance(warmup, float) else warmup
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        shape = get_scheduler(self.args.lr_scheduler_type, dummy, num_warmup_steps=warmup,
+                              num_training_steps=steps).lr_lambdas[0]
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        scheduler.lr_lambdas = [lambda step: shape(max(0, step - self.start))] * len(scheduler.lr_lambdas)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * shape(0)  # the first added step's rate; the scheduler takes it from there
+        print(f"training on from step {self.start} of a finished run: a new {self.args.lr_scheduler_type} schedule "
+              f"over the {steps} added steps, warm-up {warmup}", flush=True)
 
 
 def train(trainer: Trainer, args: TrainArguments, run: Prepared) -> None:
@@ -88,7 +118,8 @@ def train(trainer: Trainer, args: TrainArguments, run: Prepared) -> None:
               f"{args.batch_size * accumulation * world} sequences per step"
               + (f"; resuming from {run.resume_from}" if run.resume_from else ""), flush=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.train(resume_from_checkpoint=run.resume_from)
+    with files.writes_into(args.output_dir, lambda: last_checkpoint(args.output_dir)):
+        trainer.train(resume_from_checkpoint=run.resume_from)
     handler = trainer.callback_handler
     next(cb for cb in handler.callbacks if isinstance(cb, checkpointing.CheckpointCallback)).raise_if_stopped(
         trainer.state)
@@ -112,26 +143,48 @@ def save_fsdp_adapter(trainer: Trainer, output_dir: str) -> None:
     trainer.processing_class.save_pretrained(output_dir)
 
 
+def last_checkpoint(output_dir: str) -> str | None:
+    found = checkpointing.complete_checkpoints(output_dir)
+    return str(found[-1]) if found else None
+
+
 def finish(trainer: Trainer, args: TrainArguments, run: Prepared, *more_arguments, throughput=None) -> dict:
     """Save the (best) adapter to output_dir; compare it with the base on the held-out split (and on HumanEval with
-    --humaneval), logged beside the eval loss; close the W&B run; write the manifest last (its presence marks the
-    run finished) and print the run's summary. Returns the metrics."""
-    if trainer.is_fsdp_enabled:
-        save_fsdp_adapter(trainer, args.output_dir)
-    else:
-        trainer.save_model(args.output_dir)
+    --humaneval, --humaneval_infilling), logged beside the eval loss; close the W&B run; write the model card, then
+    the manifest last (its presence marks the run finished, and it records what the run wrote); print the run's
+    summary; upload with --push_to_hub. Returns the metrics."""
+    last_good = lambda: last_checkpoint(args.output_dir)  # noqa: E731
+    with files.writes_into(args.output_dir, last_good):
+        if trainer.is_fsdp_enabled:
+            save_fsdp_adapter(trainer, args.output_dir)
+        else:
+            trainer.save_model(args.output_dir)
     batch_size = trainer.args.per_device_eval_batch_size
-    metrics = {"global_step": trainer.state.global_step,
+    metrics = {"global_step": trainer.state.global_step, "held_out_examples": len(run.eval_set),
                **evaluation.compare(trainer.model, run.eval_set, run.tokenizer, batch_size)}
-    if args.humaneval and trainer.is_world_process_zero():  # one process generates and runs the samples
-        metrics.update(humaneval.compare(trainer.model, run.tokenizer, args.output_dir, args.humaneval_limit))
+    if trainer.is_world_process_zero():  # one process generates and runs the samples
+        if args.humaneval:
+            metrics.update(humaneval.compare(trainer.model, run.tokenizer, args.output_dir, args.humaneval_limit))
+        if args.humaneval_infilling:
+            metrics.update(humaneval.compare_infilling(trainer.model, run.tokenizer, run.fim_tokens, args.output_dir,
+                                                       args.humaneval_limit))
     trainer.log({f"eval_{key}": value for key, value in metrics.items() if key != "global_step"})
     if not trainer.is_world_process_zero():
         return metrics
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     metrics = {**metrics, "final_train_loss": losses[-1] if losses else None, **(throughput or {})}
     where = tracking.end_run() if "wandb" in trainer.args.report_to else None
-    manifest.write(args.output_dir, [args, *more_arguments], metrics)
+    best = trainer.state.best_model_checkpoint
+    with files.writes_into(args.output_dir, last_good):
+        files.write_atomically(Path(args.output_dir) / hub.CARD,
+                               hub.card(args, metrics, manifest.provenance()["device"]))
+        outputs = checkpointing.written_since(args.output_dir, run.existing)
+        for name in outputs:
+            files.share(Path(args.output_dir) / name)
+        manifest.write(args.output_dir, [args, *more_arguments], metrics, outputs=outputs,
+                       best_checkpoint=Path(best).name if best else None)
     checkpointing.release(args.output_dir)
-    console.summary(args.output_dir, trainer.state.best_model_checkpoint, metrics, where)
+    console.summary(args.output_dir, best, metrics, where, "GPU" if torch.cuda.is_available() else "process")
+    if args.push_to_hub:
+        hub.push(args, list(outputs))
     return metrics

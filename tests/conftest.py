@@ -27,7 +27,8 @@ import transformers  # noqa: E402, F401
 @pytest.fixture(autouse=True)
 def _fresh_wandb_env(monkeypatch):
     # setup_wandb writes these into os.environ; each test starts without them.
-    for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_GROUP", "WANDB_RUN_ID", "WANDB_RESUME"):
+    for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_GROUP", "WANDB_RUN_ID", "WANDB_RESUME",
+                 "WANDB_JOB_TYPE"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -39,6 +40,14 @@ def tiny_args(output_dir, **overrides) -> TrainArguments:
                     output_dir=str(output_dir))
     settings.update(overrides)
     return TrainArguments(**settings)
+
+
+def with_flags(common: list[str], extra: list[str]) -> list[str]:
+    """`common` flag-value pairs with those that `extra` gives again left out (a flag given twice is refused), then
+    `extra`."""
+    given = {token for token in extra if token.startswith("--")}
+    kept = [token for pair in zip(common[::2], common[1::2]) if pair[0] not in given for token in pair]
+    return kept + extra
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import base_example
 import base_with_tflops
 import karpathy_speedups_example
-from conftest import ROOT, tiny_args
+from conftest import ROOT, tiny_args, with_flags
 from finetune import cli, embedded, modeling
 from finetune.cli import TrainArguments
 from wandb_records import history, offline_runs
@@ -143,8 +143,8 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("make_argv,message", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make_argv, message):
     out = tmp_path / "out"
-    argv = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--report_to", "none",
-            "--output_dir", str(out), *make_argv(tmp_path)]
+    argv = with_flags(["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--report_to", "none",
+                       "--output_dir", str(out)], make_argv(tmp_path))
     before = _snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         cli.run(base_example.main, TrainArguments, argv=argv)

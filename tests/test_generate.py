@@ -86,10 +86,10 @@ def test_an_adapter_from_another_base_is_refused(trained, tmp_path, capsys):
 def test_evaluate_uses_the_runs_own_data_unless_told(trained, capsys):
     args, _, _ = trained
     own = generate.main(GenerateArguments(adapter=args.output_dir, quantization="none", evaluate=True))
-    assert capsys.readouterr().out.startswith(f"{args.dataset}: held-out loss: base ")
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{args.dataset}: held-out loss over 1 example: base ")
     other = generate.main(GenerateArguments(adapter=args.output_dir, quantization="none", evaluate=True,
                                             dataset="stdlib-code", seq_length=64, max_eval_samples=4))
     # (after a warning that some of stdlib-code's examples keep no completion token within 64 tokens)
-    assert capsys.readouterr().out.splitlines()[-1].startswith("stdlib-code: held-out loss: base ")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("stdlib-code: held-out loss over 4 examples: base ")
     assert own["evaluation"]["adapter_loss"] < own["evaluation"]["base_loss"] - 1.0  # it memorised its own data
     assert other["evaluation"] != own["evaluation"]

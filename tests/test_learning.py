@@ -84,7 +84,7 @@ def test_completion_only_is_the_default_for_pairs_and_not_for_text(tmp_path, few
     text.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return {i} * x"}) + "\n" for i in range(4)))
     for dataset, expected in ((few_examples, True), (str(text), False)):
         args = tiny_args(tmp_path / f"out-{expected}", dataset=dataset, max_train_steps=1, eval_steps=1,
-                         completion_only_loss=None)
+                         completion_only_loss=None, batch_size=2)
         trainer = base_example.main(args)
         labels = trainer.train_dataset[0]["labels"]
         assert (labels[0] == IGNORE_INDEX) == expected, dataset

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, with_flags
 from finetune import checkpointing, cli
 
 COMMON = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--seq_length", "64", "--completion_only_loss",
@@ -117,8 +117,9 @@ FAKE_ARG = "hf_ARGUMENTplantedTOKEN0987654321"
 def test_planted_secrets_appear_nowhere(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, HF_TOKEN=FAKE_HF, WANDB_API_KEY=FAKE_WANDB, WANDB_MODE="offline")
-    done = subprocess.run([sys.executable, "base_with_tflops.py", *COMMON, "--max_train_steps", "6",
-                           "--report_to", "wandb", "--hf_token", FAKE_ARG, "--output_dir", str(out)],
+    done = subprocess.run([sys.executable, "base_with_tflops.py",
+                           *with_flags(COMMON, ["--max_train_steps", "6", "--report_to", "wandb", "--hf_token",
+                                                FAKE_ARG, "--output_dir", str(out)])],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "manifest.json").is_file() and list(out.glob("wandb/offline-run-*"))
@@ -135,7 +136,7 @@ def test_planted_secrets_appear_nowhere(tmp_path):
 
 def test_another_configuration_in_the_output_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = [*COMMON, "--max_train_steps", "2", "--eval_steps", "2", "--output_dir", str(out)]
+    argv = with_flags(COMMON, ["--max_train_steps", "2", "--eval_steps", "2", "--output_dir", str(out)])
     import base_example
 
     cli.run(base_example.main, cli.TrainArguments, argv=argv)
@@ -154,11 +155,11 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
 
     import base_example
 
-    argv = [*COMMON, "--max_train_steps", "2", "--eval_steps", "2", "--report_to", "wandb",
-            "--output_dir", str(tmp_path / "out")]
+    argv = with_flags(COMMON, ["--max_train_steps", "2", "--eval_steps", "2", "--report_to", "wandb",
+                               "--output_dir", str(tmp_path / "out")])
     cli.run(base_example.main, cli.TrainArguments, argv=argv)
     os.environ.pop("WANDB_RUN_ID")  # a new process would start without it
-    cli.run(base_example.main, cli.TrainArguments, argv=[*argv, "--max_train_steps", "4"])
+    cli.run(base_example.main, cli.TrainArguments, argv=with_flags(argv, ["--max_train_steps", "4"]))
     runs = offline_runs(str(tmp_path / "out"))  # one directory per start, or one shared within the same second
     ids = {record.run.run_id for run in runs for record in records(run) if record.WhichOneof("record_type") == "run"}
     assert ids == {(tmp_path / "out" / "wandb_run_id").read_text()}, (runs, ids)

@@ -1,0 +1,62 @@
+"""The environment is input too: every variable the toolkit reads, or that changes what its libraries do, is checked
+here, after the arguments parse and before anything is written, and a bad one is one `error:` line."""
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+from .files import writable
+
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run")
+BOOLEANS = ("", "0", "1", "false", "true", "no", "yes", "off", "on")
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+
+def _directory(variable: str, default: Path | None = None) -> None:
+    value = os.environ.get(variable)
+    path = Path(value) if value else default
+    if value is not None and not value.strip():
+        raise UsageError(f"${variable} is set but empty; unset it, or point it at a writable directory")
+    why = writable(path) if path is not None else None
+    if why:
+        raise UsageError(f"${variable} ({path}) cannot be written ({why}); point it at a writable directory")
+
+
+def check(uses_wandb: bool) -> None:
+    for name in SECRETS:
+        value = os.environ.get(name)
+        if value is not None and (not value or value != value.strip() or any(c.isspace() for c in value)):
+            raise UsageError(f"${name} holds spaces or line breaks (a secret file's trailing newline?); set it to "
+                             f"the token alone")
+    peak = os.environ.get("PEAK_TFLOPS")
+    if peak is not None:
+        try:
+            ok = math.isfinite(float(peak)) and float(peak) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"$PEAK_TFLOPS must be this GPU's dense bf16 peak in TFLOP/s, a positive number, got "
+                             f"{peak!r}")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() not in BOOLEANS:
+            raise UsageError(f"${name} must be 1 or 0 (true or false), got {os.environ[name]!r}")
+    from .embedded import cache_dir
+
+    _directory("STARCODER_LORA_CACHE", cache_dir())
+    _directory("TMPDIR", Path(tempfile.gettempdir()))
+    _directory("HF_HOME", Path.home() / ".cache" / "huggingface")
+    if uses_wandb:
+        mode = os.environ.get("WANDB_MODE")
+        if mode is not None and mode.strip().lower() not in WANDB_MODES:
+            raise UsageError(f"$WANDB_MODE must be one of {', '.join(WANDB_MODES)}, got {mode!r}; or leave it unset "
+                             f"(online when a key is set and the server answers, else offline)")
+        _directory("WANDB_DIR")
+        for name in ("WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_RUN_GROUP"):
+            if name in os.environ and not os.environ[name].strip():
+                raise UsageError(f"${name} is set but empty; unset it, or give it a value")
+        url = os.environ.get("WANDB_BASE_URL")
+        if url and not url.startswith(("http://", "https://")):
+            raise UsageError(f"$WANDB_BASE_URL must be an http:// or https:// address, got {url!r}")
+
