@@ -48,7 +48,7 @@ _transposed_compiled = torch.compile(_transposed)
 
 
 def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
-    if not x.is_cuda:
+    if not x.is_cuda or torch.compiler.is_compiling():  # in a compiled layer it fuses into the layer's own graph
         return _quantize_rows(x, column_scale)
     x = x.detach()  # one compiled graph whether or not the activation requires grad
     torch._dynamo.maybe_mark_dynamic(x, 0)  # tokens per batch vary (evaluation); each layer's width does not
@@ -57,7 +57,7 @@ def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
-    return (_transposed_compiled if weight.is_cuda else _transposed)(weight)
+    return (_transposed_compiled if weight.is_cuda and not torch.compiler.is_compiling() else _transposed)(weight)
 
 
 class _FrozenFloat8Matmul(torch.autograd.Function):
