@@ -40,7 +40,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESUMABLE_CHANGES = {"output_dir", "report_to", "wandb_project", "max_train_steps", "num_train_epochs",
                      "logging_steps", "eval_steps", "resume", "overwrite_output_dir", "grace_period_seconds",
                      "hf_token", "recipe", "humaneval", "humaneval_infilling", "humaneval_limit", "check_memory",
-                     "push_to_hub", "hub_model_id", "hub_private"}
+                     "push_to_hub", "hub_model_id", "hub_private", "fuse_lora", "compile_layers"}
 _held_locks: dict[str, int] = {}  # this process's locks, by output directory: open descriptors
 
 
@@ -53,8 +53,9 @@ def staging(output_dir: str) -> str:
     return os.path.join(output_dir, STAGING)
 
 
-def _step(path: Path) -> int:
-    return int(CHECKPOINT.fullmatch(path.name).group(1))
+def step_of(path) -> int:
+    """The step a checkpoint directory (checkpoint-<step>) was written at."""
+    return int(CHECKPOINT.fullmatch(Path(path).name).group(1))
 
 
 def complete_checkpoints(output_dir: str) -> list[Path]:
@@ -62,7 +63,7 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     anything else a user left beside them."""
     found = [p for p in Path(output_dir).glob("checkpoint-*")
              if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
-    return sorted(found, key=_step)
+    return sorted(found, key=step_of)
 
 
 def digest(path: Path) -> list:
@@ -198,7 +199,7 @@ def _check(args, config: dict, repair: bool) -> int:
     final adapter verified (rebuilt when damaged, under the lock: `repair`). Returns the step a finished run ended at
     when --max_train_steps has been raised past it (it trains on), else 0."""
     out = Path(args.output_dir)
-    if args.overwrite_output_dir or not (out / RUN_CONFIG).exists():
+    if args.overwrite_output_dir or not ((out / RUN_CONFIG).exists() or (out / RUN_CONFIG).is_symlink()):
         return 0
     saved = files.read_json(out / RUN_CONFIG, "the configuration this directory trains",
                             "restore it, or use --overwrite_output_dir to start over")
@@ -315,7 +316,8 @@ def commit(staged: Path, final: Path, best_step: int | None) -> None:
         state = json.loads(state_file.read_text())
         state["best_model_checkpoint"] = str(final.parent / f"checkpoint-{best_step}")
         state_file.write_text(json.dumps(state, indent=2))
-    (staged / MARKER).write_text(json.dumps({"step": _step(final), "files": _files(staged)}, indent=1))
+    (staged / MARKER).write_text(json.dumps({"step": step_of(final), "files": _files(staged)}, indent=1))
+    files.share(staged)  # safetensors writes 0600: a serving pod with another uid reads the best checkpoint too
     for file in staged.rglob("*"):
         if file.is_file():
             fsync(file)

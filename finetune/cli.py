@@ -67,8 +67,10 @@ def require(condition: bool, message: str) -> None:
 
 def local_path(value: str) -> str:
     """A path that exists here (or names a local data file) made absolute, so `data/x.jsonl` and its absolute form
-    are the same run; a Hub id is kept as it is."""
-    if os.path.exists(value) or value.lower().endswith(LOCAL_DATA_FORMATS):
+    are the same run; several comma-separated paths and globs each so; a Hub id is kept as it is."""
+    if "," in value or any(c in value for c in "*?["):
+        return ",".join(local_path(part) for part in value.split(",") if part)
+    if os.path.exists(value) or value.lower().endswith(LOCAL_DATA_FORMATS) or value.startswith(("./", "../")):
         return os.path.abspath(value)
     return value
 
@@ -174,6 +176,12 @@ class TrainArguments:
     mixed_precision: bool = field(default=False, metadata={
         "help": "Run under autocast. Off: a bf16 model computes in bf16 throughout, with no casts around "
                 "bitsandbytes layers (fp16 always uses autocast with a loss scaler)."})
+    fuse_lora: bool = field(default=True, metadata={
+        "help": "LoRA's up-projection, scale and add as one GEMM (finetune/fusion.py): the same sums, fewer passes "
+                "over each adapted layer's output (+0.6%% FP8, +1.9%% NF4 on StarCoder-15B)."})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (GPUs only), fusing the elementwise work around the GEMMs; the "
+                "first steps pay the compilation."})
     check_memory: bool = field(default=True, metadata={
         "help": "Before loading, estimate the GPU memory the run needs and refuse one that cannot fit, naming what "
                 "would (finetune/memory.py); false: try anyway."})
@@ -220,7 +228,7 @@ class TrainArguments:
                      "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "eval_steps", "logging_steps"),
         "speed": ("recipe", "gradient_checkpointing", "fp32_upcast", "fp32_adapter", "mixed_precision",
-                  "check_memory"),
+                  "fuse_lora", "compile_layers", "check_memory"),
         "output and resume": ("output_dir", "resume", "overwrite_output_dir", "grace_period_seconds"),
         "W&B": ("report_to", "wandb_project"),
         "evaluation": ("humaneval", "humaneval_infilling", "humaneval_limit"),

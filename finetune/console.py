@@ -133,6 +133,10 @@ def summary(output_dir: str, best_checkpoint: str | None, metrics: dict, where: 
              f"held-out loss over {count} example{'s' * (count != 1)}: base {metrics['base_loss']:.4f} -> adapter "
              f"{metrics['adapter_loss']:.4f} (perplexity {metrics['base_perplexity']:.4g} -> "
              f"{metrics['adapter_perplexity']:.4g})"]
+    if "fim_examples" in metrics:
+        lines.append(f"held-out fill-in-the-middle, a line of each of {metrics['fim_examples']} files: loss base "
+                     f"{metrics['fim_base_loss']:.4f} -> adapter {metrics['fim_adapter_loss']:.4f}, exact match base "
+                     f"{metrics['fim_base_exact_match']:.1%} -> adapter {metrics['fim_adapter_exact_match']:.1%}")
     for prefix, title, what in (("humaneval", "HumanEval", "problems"),
                                 ("humaneval_infilling", "HumanEval single-line infilling", "tasks")):
         if f"{prefix}_adapter_pass@1" in metrics:

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import DataCollatorForSeq2Seq
 
-from . import embedded, fim
+from . import embedded, fim, repository
 from .cli import LOCAL_DATA_FORMATS
 from .errors import UsageError, first_line
 from .fim import IGNORE_INDEX
@@ -135,13 +135,24 @@ def _chat_template_segments(messages: list[dict], tokenizer, name: str, row: int
 
 
 def load_examples(name: str, prompt_column: str = "prompt", completion_column: str = "completion",
-                  token: str | None = None, tokenizer=None, split: str = "train") -> tuple[Dataset, str]:
+                  token: str | None = None, tokenizer=None, split: str = "train", extensions: str = "",
+                  max_file_bytes: int = 1_000_000) -> tuple[Dataset, str]:
     """The examples as a `segments` column, untrained and trained text alternating (an untrained segment first,
     possibly empty), and their format (FORMATS): prompt/completion pairs in StarCoder's fine-tuning format; a
     `messages` column of conversations through the tokenizer's chat template where it has one, else in the same
-    Question/Answer format, the assistant turns trained; a `text` column trained whole."""
+    Question/Answer format, the assistant turns trained; a `text` column, or a source tree's files
+    (finetune/repository.py), trained whole."""
     if name == embedded.STDLIB_DATASET:
         name = str(embedded.stdlib_dataset_file())
+    if name == embedded.STDLIB_SOURCE:
+        name = str(embedded.stdlib_source_tree())
+    if repository.is_source_tree(name):
+        if split != "train":
+            raise UsageError(f"a source tree ({name!r}) has one split, train; --dataset_split and --eval_split name "
+                             f"splits of Hub data sets")
+        return repository.load(name, extensions, max_file_bytes, tokenizer), "text"
+    if extensions:
+        raise UsageError("--extensions chooses the files of a source tree; --dataset is not one")
     if prompt_column == completion_column:
         raise UsageError(f"--prompt_column and --completion_column are both {prompt_column!r}; name two columns")
     dataset = _read(name, token, split)
@@ -285,11 +296,14 @@ def check_labels(tokenized: Dataset, what: str, seq_length: int) -> None:
 
 def load_splits(dataset: str, prompt_column: str, completion_column: str, tokenizer, token: str | None,
                 max_eval_samples: int, seed: int, dataset_split: str = "train", eval_dataset: str = "",
-                eval_split: str = "") -> tuple[Dataset, Dataset, str, str]:
+                eval_split: str = "", extensions: str = "",
+                max_file_bytes: int = 1_000_000) -> tuple[Dataset, Dataset, str, str]:
     """Training and held-out examples, their format, and a digest of the data read (whatever the split): the
     held-out ones from `eval_dataset` (its `eval_split`, default train) or `dataset`'s `eval_split`, at most
-    `max_eval_samples` of them drawn with `seed`; otherwise held out from `dataset` (`split`)."""
-    examples, data_format = load_examples(dataset, prompt_column, completion_column, token, tokenizer, dataset_split)
+    `max_eval_samples` of them drawn with `seed`; otherwise held out from `dataset` (`split`): for a source tree,
+    whole files."""
+    examples, data_format = load_examples(dataset, prompt_column, completion_column, token, tokenizer, dataset_split,
+                                          extensions, max_file_bytes)
     if not (eval_dataset or eval_split):
         return *split(examples, max_eval_samples, seed), data_format, fingerprint(examples)
     source = eval_dataset or dataset
@@ -297,7 +311,7 @@ def load_splits(dataset: str, prompt_column: str, completion_column: str, tokeni
         raise UsageError(f"--eval_split {eval_split or 'train'!r} is the split trained on; hold out another split, "
                          f"or leave --eval_split out to hold out examples of it")
     held_out, held_out_format = load_examples(source, prompt_column, completion_column, token, tokenizer,
-                                              eval_split or "train")
+                                              eval_split or "train", extensions, max_file_bytes)
     if held_out_format != data_format:
         raise UsageError(f"the held-out data {source!r} is {held_out_format} data and the training data "
                          f"{dataset!r} is {data_format}; evaluate on data of the same kind")

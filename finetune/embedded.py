@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 STDLIB_DATASET = "stdlib-code"
+STDLIB_SOURCE = "stdlib-source"
 _VERSION = "v2"  # bump when the recipe below changes, so stale caches are rebuilt
 
 # StarCoder's special tokens, in its tokenizer's order (bigcode/starcoder tokenizer.json): id 0 is <|endoftext|>.
@@ -83,19 +84,38 @@ def _function_pairs(source: str):
             yield docstring, completion
 
 
-def _write_stdlib_pairs(directory: Path) -> None:
-    pairs = []
+def _stdlib_pairs() -> tuple[list[Path], list[tuple[str, str]]]:
+    """The standard library's top-level modules, in order, until they give MAX_PAIRS documented functions: the
+    modules read and the (docstring, code) pairs."""
+    read, pairs = [], []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
-            source = path.read_text(encoding="utf-8")
-            pairs.extend(_function_pairs(source))
+            pairs.extend(_function_pairs(path.read_text(encoding="utf-8")))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
+        read.append(path)
         if len(pairs) >= MAX_PAIRS:
             break
+    return read, pairs[:MAX_PAIRS]
+
+
+def _write_stdlib_pairs(directory: Path) -> None:
     with open(directory / "stdlib-code.jsonl", "w", encoding="utf-8") as f:
-        for prompt, completion in pairs[:MAX_PAIRS]:
+        for prompt, completion in _stdlib_pairs()[1]:
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
+def _write_stdlib_tree(directory: Path) -> None:
+    tree = directory / "stdlib"
+    tree.mkdir()
+    for path in _stdlib_pairs()[0]:
+        shutil.copyfile(path, tree / path.name)
+
+
+def stdlib_source_tree() -> Path:
+    """`stdlib-source`: the modules `stdlib-code` is made from as a source tree, a directory named `stdlib`: the
+    repository twin of the embedded data, for training on code files (and fill-in-the-middle) offline."""
+    return _build_once(STDLIB_SOURCE, _write_stdlib_tree) / "stdlib"
 
 
 def stdlib_dataset_file() -> Path:

@@ -71,6 +71,11 @@ def card(args, metrics: dict, hardware: str) -> str:
              f"Held-out loss over {metrics.get('held_out_examples', '?')} examples: base {metrics['base_loss']:.4f} "
              f"-> adapter {metrics['adapter_loss']:.4f} (perplexity {metrics['base_perplexity']:.4g} -> "
              f"{metrics['adapter_perplexity']:.4g})."]
+    if "fim_examples" in metrics:
+        lines += ["", f"Held-out fill-in-the-middle (a line of each of {metrics['fim_examples']} held-out files): "
+                      f"loss base {metrics['fim_base_loss']:.4f} -> adapter {metrics['fim_adapter_loss']:.4f}; exact "
+                      f"match base {metrics['fim_base_exact_match']:.1%} -> adapter "
+                      f"{metrics['fim_adapter_exact_match']:.1%}."]
     for prefix, title in (("humaneval", "HumanEval"), ("humaneval_infilling", "HumanEval single-line infilling")):
         if f"{prefix}_adapter_pass@1" in metrics:
             lines += ["", f"{title} pass@1: base {metrics[f'{prefix}_base_pass@1']:.1%} -> adapter "

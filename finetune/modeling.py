@@ -48,19 +48,39 @@ def check_model(model: str, seq_length: int, token: str | None = None):
         raise UsageError(f"could not load model {model!r}: the path does not exist")
     try:
         config = AutoConfig.from_pretrained(resolve(model), token=token)
+        shapes = {}
         for weights in Path(resolve(model)).glob("*.safetensors"):  # a damaged local file fails here, not mid-load
-            with safe_open(weights, "pt"):  # reads and checks the header and the file's length, not the weights
-                pass
+            with safe_open(weights, "pt") as f:  # reads and checks the header and the file's length, not the weights
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
     except LOAD_ERRORS as error:
         raise _not_loadable(model, error) from None
     architectures = config.architectures or []
     if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
         raise UsageError(f"model {model!r} is a {', '.join(architectures)}, not a causal language model; LoRA "
                          f"fine-tuning here needs one (StarCoder's is GPTBigCodeForCausalLM)")
+    if os.path.isdir(resolve(model)):
+        _check_weights(model, config, shapes)
     limit = position_limit(config)
     if limit and seq_length > limit:
         raise UsageError(f"--seq_length {seq_length} is above {model!r}'s maximum of {limit} positions")
     return config
+
+
+def _check_weights(model: str, config, shapes: dict) -> None:
+    """A local model directory holds weights, and their shapes are the ones its config describes (a config edited
+    after the weights were written would load into a model of another shape, or fail deep in loading)."""
+    directory = Path(resolve(model))
+    if not shapes and not any(directory.glob("*.bin")) and not any(directory.glob("*.index.json")):
+        raise UsageError(f"model directory {model!r} holds a config.json but no weights (*.safetensors or "
+                         f"pytorch_model*.bin); copy the model's weight files into it")
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for name, shape in shapes.items():
+        wanted = expected.get(name) or expected.get(name.removeprefix("model.")) or expected.get(f"model.{name}")
+        if wanted is not None and wanted != shape:
+            raise UsageError(f"model directory {model!r}: weight {name} has shape {list(shape)} where its "
+                             f"config.json describes {list(wanted)}; the config and the weights are of different "
+                             f"models")
 
 
 def position_limit(config) -> int | None:

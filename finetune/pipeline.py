@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig, set_seed
 
-from . import attention, checkpointing, chunked_loss, data, fim, fp8, hub, memory, modeling, tracking
+from . import attention, checkpointing, chunked_loss, data, fim, fp8, fusion, hub, memory, modeling, tracking
 from .cli import TrainArguments
 from .errors import UsageError
 
@@ -27,6 +27,7 @@ class Prepared:
     run_config: dict  # what a resumed run must share with this one (recorded with the first checkpoint)
     finished_at: int = 0  # the step a finished run ended at, when a raised --max_train_steps trains it on
     fim_tokens: fim.FimTokens | None = None  # the tokenizer's FIM tokens, when it has them
+    infilling_texts: list[str] = dataclasses.field(default_factory=list)  # held-out code, when FIM trains
     existing: dict = dataclasses.field(default_factory=dict)  # top-level files before the run (checkpointing.start)
 
 
@@ -48,7 +49,7 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
 
     train_examples, eval_examples, data_format, digest = data.load_splits(
         args.dataset, args.prompt_column, args.completion_column, tokenizer, token, args.max_eval_samples, args.seed,
-        args.dataset_split, args.eval_dataset, args.eval_split)
+        args.dataset_split, args.eval_dataset, args.eval_split, args.extensions, args.max_file_bytes)
     completion_only = data.has_prompts(train_examples) if args.completion_only_loss is None \
         else args.completion_only_loss
     per_example = args.packing and args.packed_attention == "per_example"
@@ -81,7 +82,9 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     resume_from, finished_at = checkpointing.claim(args, run_config)
 
     model = model_for_training(args, quantization, lora, args.model, per_example, tokenizer.pad_token_id, token=token)
-    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config, finished_at, fim_tokens)
+    infilling_texts = [segments[1] for segments in eval_examples["segments"]] if fim_options else []
+    return Prepared(tokenizer, model, train_set, eval_set, resume_from, run_config, finished_at, fim_tokens,
+                    infilling_texts)
 
 
 def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | None, lora: LoraConfig,
@@ -99,6 +102,10 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
         model.print_trainable_parameters()
     if args.quantization == "fp8":
         fp8.convert(model)  # after LoRA: its A and B stay trainable bf16 layers
+    if args.fuse_lora:
+        fusion.fuse_lora(model)
+    if args.compile_layers:
+        fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the
     # chunked loss's own forward would not go through.
     if not modeling.fsdp_enabled() and not any(p.requires_grad for p in model.get_output_embeddings().parameters()):

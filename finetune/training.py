@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments, get_scheduler
 
 from . import checkpointing, console, evaluation, files, hub, humaneval, manifest, tracking
 from .cli import TrainArguments
@@ -102,6 +102,7 @@ class ScheduleSegment(TrainerCallback):
         scheduler.lr_lambdas = [lambda step: shape(max(0, step - self.start))] * len(scheduler.lr_lambdas)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * shape(0)  # the first added step's rate; the scheduler takes it from there
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the Trainer logs
         print(f"training on from step {self.start} of a finished run: a new {self.args.lr_scheduler_type} schedule "
               f"over the {steps} added steps, warm-up {warmup}", flush=True)
 
@@ -118,11 +119,28 @@ def train(trainer: Trainer, args: TrainArguments, run: Prepared) -> None:
               f"{args.batch_size * accumulation * world} sequences per step"
               + (f"; resuming from {run.resume_from}" if run.resume_from else ""), flush=True)
     trainer.accelerator.wait_for_everyone()
+    if run.resume_from and checkpointing.step_of(run.resume_from) >= args.max_train_steps:
+        # Every step is trained (a run stopped after its last checkpoint, or whose manifest was lost): the Trainer
+        # would train one more step on resuming there, so restore its state and the best adapter instead.
+        restore(trainer, run.resume_from)
+        return
     with files.writes_into(args.output_dir, lambda: last_checkpoint(args.output_dir)):
         trainer.train(resume_from_checkpoint=run.resume_from)
     handler = trainer.callback_handler
     next(cb for cb in handler.callbacks if isinstance(cb, checkpointing.CheckpointCallback)).raise_if_stopped(
         trainer.state)
+
+
+def restore(trainer: Trainer, checkpoint: str) -> None:
+    """The Trainer's state at `checkpoint` (its steps, log and best checkpoint), and the best checkpoint's adapter in
+    the model, as at the end of training."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint or checkpoint
+    weights = load_file(os.path.join(best, "adapter_model.safetensors"), device=str(trainer.args.device))
+    set_peft_model_state_dict(trainer.model, weights)
 
 
 def save_fsdp_adapter(trainer: Trainer, output_dir: str) -> None:
@@ -162,6 +180,9 @@ def finish(trainer: Trainer, args: TrainArguments, run: Prepared, *more_argument
     batch_size = trainer.args.per_device_eval_batch_size
     metrics = {"global_step": trainer.state.global_step, "held_out_examples": len(run.eval_set),
                **evaluation.compare(trainer.model, run.eval_set, run.tokenizer, batch_size)}
+    if run.infilling_texts:  # trained in FIM form: fill a line of each held-out file
+        metrics.update(evaluation.compare_infilling(trainer.model, run.infilling_texts, run.tokenizer, run.fim_tokens,
+                                                    args.seq_length, args.seed))
     if trainer.is_world_process_zero():  # one process generates and runs the samples
         if args.humaneval:
             metrics.update(humaneval.compare(trainer.model, run.tokenizer, args.output_dir, args.humaneval_limit))

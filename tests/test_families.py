@@ -14,6 +14,7 @@ from conftest import tiny_args
 from finetune import architecture, attention, cli, memory, modeling
 from finetune.cli import TrainArguments
 from flops_counter import TFLOPSCallback, flops_per_token, span
+from test_flops_counter import enable_checkpointing
 
 FAMILIES = {"tiny-starcoder2": "starcoder2", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
@@ -105,7 +106,7 @@ CONFIGS = {name: architecture.config(family, "tiny", vocab_size=256, num_hidden_
 def test_flops_count_matches_flop_counter_mode_for_each_family(name, checkpointing):
     model = with_lora(CONFIGS[name])
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     model.train()
     seq = 32

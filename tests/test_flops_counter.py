@@ -38,13 +38,22 @@ def build(name: str, lora: bool, checkpointing: bool):
     # Eager attention: FlopCounterMode's SDPA rule fails on multi-query shapes on some torch versions.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0,
+                                                 fan_in_fan_out=name == "gpt2"))  # GPT-2's Conv1D stores W^T
     if checkpointing:
         # Reentrant checkpointing recomputes each layer's whole forward (the convention for hardware FLOPs);
         # with a frozen base it needs the embeddings' output to require grad, as peft arranges.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     return model.train()
+
+
+def enable_checkpointing(model) -> None:
+    """Reentrant checkpointing, by transformers' new name for it where it has one (5.2x deprecated the old)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
 def measured_flops_per_token(model) -> float:

@@ -64,7 +64,7 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes_identically(tmp_path,
     assert "SIGTERM received" in rest and "Run the same command again to resume" in rest
     assert "Traceback" not in rest
     checkpoints = checkpointing.complete_checkpoints(str(out))
-    stopped_at = checkpointing._step(checkpoints[-1])
+    stopped_at = checkpointing.step_of(checkpoints[-1])
     assert 8 <= stopped_at < 24, "the stop wrote a checkpoint at the step in flight"
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         assert (checkpoints[-1] / name).is_file(), name

@@ -1,13 +1,16 @@
 """Off the happy path: bad input of every class ends with exit 2, one `error:` line and nothing written; reruns,
 retries, torn checkpoints and concurrent runs never damage a result."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,11 @@ def broken(tmp_path_factory) -> Path:
 
     BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64)).save_pretrained(root / "bert")
+    shutil.copytree(tiny, root / "no-weights")
+    (root / "no-weights" / "model.safetensors").unlink()
+    shutil.copytree(tiny, root / "other-shape")  # a config edited after the weights were written
+    config = json.loads((root / "other-shape" / "config.json").read_text())
+    (root / "other-shape" / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     import pandas
 
     pandas.DataFrame({"prompt": [1, 2], "completion": [3, 4]}).to_parquet(root / "integers.parquet")
@@ -90,6 +98,39 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
     (lambda d: ["--quantization", "fp4"], "invalid choice"),
     (lambda d: ["--prompt_column", ""], "--prompt_column must not be empty"),
     (lambda d: ["--humaneval_limit", "-1"], "--humaneval_limit must be 0"),
+    # numbers bounded by what they mean, before .lock or .staging exist
+    (lambda d: ["--batch_size", "99999999999999999999"], "--batch_size must be at most 1,000,000,000"),
+    (lambda d: ["--lora_r", "99999999999"], "--lora_r must be at most 1,000,000,000"),
+    (lambda d: ["--lora_r", "200"], "--lora_r 200 is above the rank of the smallest layer it adapts (128)"),
+    (lambda d: ["--batch_size", "5000", "--seq_length", "32"], "a step takes 5000 training examples"),
+    (lambda d: ["--grace_period_seconds", "1e20"], "--grace_period_seconds must be at most 86400"),
+    (lambda d: ["--humaneval_limit", "200"], "--humaneval_limit must be 0 (all 164 problems) to 164"),
+    (lambda d: ["--warmup_steps", "100", "--max_train_steps", "10"], "--warmup_steps must be 0 to --max_train_steps"),
+    (lambda d: ["--num_train_epochs", "0"], "--num_train_epochs must be a positive number"),
+    (lambda d: ["--num_train_epochs", "inf"], "--num_train_epochs must be a positive number"),
+    (lambda d: ["--max_file_bytes", "0"], "--max_file_bytes must be a positive integer"),
+    (lambda d: ["--fim_rate", "1.5"], "--fim_rate must be a share, 0 to 1"),
+    (lambda d: ["--push_to_hub", "--hub_model_id", "not an id!"], "is not a Hub repository id"),
+    (lambda d: ["--model", str(d / "no-weights")], "holds a config.json but no weights"),
+    (lambda d: ["--model", str(d / "other-shape")], "the config and the weights are of different models"),
+    # a value given twice, under one spelling or two
+    (lambda d: ["--lora_r", "4", "--lora-r", "8"], "--lora-r is given twice (--lora_r came first)"),
+    (lambda d: ["--packing", "--packing", "false"], "--packing is given twice"),
+    # data judgement calls
+    (lambda d: ["--dataset", _write(d / "empty-answers.jsonl", '{"prompt": "a", "completion": ""}\n' * 3)],
+     "every completion is empty"),
+    (lambda d: ["--prompt_column", "text", "--completion_column", "text"], "are both 'text'; name two columns"),
+    (lambda d: ["--dataset", _write(d / "twice.csv", "prompt,prompt,completion\na,b,c\n")], "names prompt twice"),
+    (lambda d: ["--dataset", _write(d / "local.jsonl", '{"prompt": "a", "completion": "b"}\n'), "--eval_split",
+                "test"], "has one split, train"),
+    (lambda d: ["--extensions", "python"], "--extensions chooses the files of a source tree"),
+    (lambda d: ["--eval_dataset", str(d / "integers.parquet")], "prompt is of type int"),
+    (lambda d: ["--dataset", _write(d / "chat-list.jsonl", '{"messages": "hello"}\n')],
+     "row 0: messages is not a non-empty list"),
+    (lambda d: ["--dataset", _write(d / "chat-role.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n')],
+     "turn 0 has role 'bot'"),
+    (lambda d: ["--dataset", _write(d / "chat-none.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n')],
+     "has no assistant turn after a user turn"),
 ]
 SWEEP = [
     (["--sweep_batch_sizes", "1,abc"], "'abc' is not a positive integer"),
@@ -285,22 +326,6 @@ def test_a_secret_is_scrubbed_from_the_command_line_by_its_parsed_value(monkeypa
         assert secret not in " ".join(sys.argv), sys.argv
 
 
-def test_an_unreachable_wandb_server_means_offline_with_one_warning(tmp_path):
-    env = dict(os.environ, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",
-               WANDB_BASE_URL="http://127.0.0.1:9")  # a closed port: the connection is refused at once
-    env.pop("WANDB_MODE", None)
-    started = time.time()
-    argv = [arg for arg in TINY if arg not in ("--report_to", "none")]
-    done = subprocess.run([sys.executable, "base_example.py", *argv, "--max_train_steps", "2", "--eval_steps", "2",
-                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert time.time() - started < 100
-    warnings = [line for line in done.stdout.splitlines() if "does not answer within 5 s" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
-    assert list((tmp_path / "out").glob("wandb/offline-run-*"))
-    assert "upload with: wandb sync" in done.stdout
-
-
 def test_sigterm_to_a_sweep_reaches_its_running_child(tmp_path):
     out = tmp_path / "sweep"
     parent = subprocess.Popen(
@@ -319,3 +344,379 @@ def test_sigterm_to_a_sweep_reaches_its_running_child(tmp_path):
     assert row["status"] == "stopped"
     assert checkpointing.complete_checkpoints(str(out / "bs2-w0-pin1-pack0-ckpt0")), "the child wrote a checkpoint"
     assert not (out / "bs4-w0-pin1-pack0-ckpt0").exists(), "the sweep went no further"
+
+
+# -- the environment is input too ---------------------------------------------------------------------------------
+ENVIRONMENT = [  # (variables, a fragment of the one error line); W&B on, as by default
+    ({"WANDB_MODE": "bogus"}, "$WANDB_MODE must be one of online, offline, disabled"),
+    ({"WANDB_MODE": "online"}, "WANDB_MODE=online needs a W&B API key"),
+    ({"WANDB_BASE_URL": "ftp://example.org"}, "$WANDB_BASE_URL must be an http:// or https:// address"),
+    ({"WANDB_PROJECT": " "}, "$WANDB_PROJECT is set but empty"),
+    ({"PEAK_TFLOPS": "abc"}, "$PEAK_TFLOPS must be this GPU's dense bf16 peak"),
+    ({"PEAK_TFLOPS": "-5"}, "$PEAK_TFLOPS must be this GPU's dense bf16 peak"),
+    ({"STARCODER_LORA_CACHE": "/proc/no-such/cache"}, "$STARCODER_LORA_CACHE (/proc/no-such/cache) cannot be written"),
+    ({"HF_HOME": "/proc/no-such/hf"}, "$HF_HOME (/proc/no-such/hf) cannot be written"),
+    ({"HF_TOKEN": "hf_abcdefghijkl\n"}, "$HF_TOKEN holds spaces or line breaks"),
+    ({"HF_HUB_OFFLINE": "maybe"}, "$HF_HUB_OFFLINE must be 1 or 0"),
+]
+
+
+@pytest.mark.parametrize("variables,message", ENVIRONMENT)
+def test_a_bad_environment_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, variables, message):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    before = _snapshot(tmp_path)
+    line = refused(capsys, base_example.main, (TrainArguments,), [*TINY[:4], "--output_dir", str(tmp_path / "out")])
+    assert message in line, line
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def silent_server():
+    """A local port that accepts connections and never answers: a W&B server that hangs."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    thread = threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+@pytest.mark.parametrize("server,mode", [("closed", None), ("silent", None), ("silent", "online")])
+def test_a_wandb_server_that_never_answers_means_offline_with_one_warning(tmp_path, capsys, monkeypatch,
+                                                                         silent_server, server, mode):
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    # a closed port refuses the connection at once; a silent one accepts it and never answers
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9" if server == "closed" else silent_server)
+    if mode:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    started = time.time()
+    base_example.main(tiny_args(tmp_path / "out", report_to="wandb", max_train_steps=1, eval_steps=1))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "does not answer within 5 s" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: the W&B server")
+    assert list((tmp_path / "out").glob("wandb/offline-run-*")) and time.time() - started < 90
+
+
+# -- files a run finds in its output directory --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cli.run(base_example.main, TrainArguments, argv=[*TINY, "--max_train_steps", "2", "--eval_steps", "2",
+                                                     "--output_dir", str(out)])
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
+
+
+def rerun(capsys, out: Path, *extra: str, argv: list[str] = TINY) -> subprocess.CompletedProcess:
+    """The same command again, in this process (its exit status, what it printed); a traceback fails the test."""
+    arguments = with_flags([*argv, "--max_train_steps", "2", "--eval_steps", "2", "--output_dir", str(out)],
+                           list(extra))
+    capsys.readouterr()
+    try:
+        cli.run(base_example.main, TrainArguments, argv=arguments)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    checkpointing.release(str(out))  # as the process's end would
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(arguments, code, printed.out, printed.err)
+
+
+def _damage_manifest(out: Path, text: str):
+    (out / "manifest.json").write_text(text)
+
+
+RECOVERED = [  # (damage, the warning): the run resumes from its verified checkpoints and writes a new manifest
+    (lambda out: _damage_manifest(out, '{"metrics": {"global_st'), "manifest.json is damaged"),
+    (lambda out: _damage_manifest(out, '{"metrics": {"global_step": "2"}}'), "its global_step is '2'"),
+    (lambda out: _damage_manifest(out, "[]"), "manifest.json is damaged"),
+]
+
+
+@pytest.mark.parametrize("damage,warning", RECOVERED)
+def test_a_damaged_manifest_means_an_unfinished_run_that_resumes(finished_run, tmp_path, capsys, damage, warning):
+    out = copy_of(finished_run, tmp_path)
+    damage(out)
+    done = rerun(capsys, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert warning in done.stdout
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["global_step"] == 2
+
+
+REFUSED = [  # (damage, a fragment of the one error line)
+    (lambda out: (out / "run_config.json").write_text('{"lora_r": 1'), "run_config.json (the configuration this "
+                                                                       "directory trains) cannot be read"),
+    (lambda out: (out / "run_config.json").write_text("[1, 2]"), "holds a JSON list, not a JSON object"),
+    (lambda out: ((out / "manifest.json").unlink(), (out / ".lock").unlink(), (out / ".lock").mkdir()),
+     "cannot be the toolkit's lock file"),
+    (lambda out: ((out / "manifest.json").unlink(), (out / ".lock").unlink(),
+                  (out / ".lock").symlink_to(out.parent / "elsewhere.txt")),
+     "(the toolkit's lock file) is a symbolic link"),
+    (lambda out: ((out / "adapter_model.safetensors").write_bytes(b"cut"),
+                  (out / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"cut")),
+     "is damaged (adapter_model.safetensors does not match its recorded size and hash) and no intact checkpoint"),
+    (lambda out: ((out / "run_config.json").unlink(), (out / "run_config.json").symlink_to(out.parent / "x.json")),
+     "is a symbolic link"),
+]
+
+
+@pytest.mark.parametrize("damage,message", REFUSED)
+def test_damaged_or_foreign_files_of_a_run_are_one_line(finished_run, tmp_path, capsys, damage, message):
+    out = copy_of(finished_run, tmp_path)
+    (tmp_path / "elsewhere.txt").write_text("not the lock's")
+    damage(out)
+    done = rerun(capsys, out)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert (tmp_path / "elsewhere.txt").read_text() == "not the lock's"  # no link followed
+
+
+def test_a_damaged_final_adapter_is_rebuilt_from_its_checkpoint(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    original = (out / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(original[: len(original) // 2])
+    done = rerun(capsys, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rebuilt it from checkpoint-2" in done.stdout and "already finished: 2 steps" in done.stdout
+    assert (out / "adapter_model.safetensors").read_bytes() == original
+
+
+def test_what_a_user_leaves_beside_the_checkpoints_is_left_alone(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    (out / "checkpoint-notes").mkdir()
+    (out / "checkpoint-notes" / checkpointing.MARKER).write_text("{}")
+    (out / "checkpoint-99").write_text("a file, not a checkpoint")
+    (out / "checkpoint-98").symlink_to(out / "checkpoint-2")
+    (out / "manifest.json").unlink()  # as if stopped after its last checkpoint: the rerun resumes
+    done = rerun(capsys, out, "--max_train_steps", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in done.stdout
+    assert (out / "checkpoint-99").read_text() == "a file, not a checkpoint" and (out / "checkpoint-98").is_symlink()
+    assert (out / "checkpoint-notes" / checkpointing.MARKER).read_text() == "{}"
+
+
+def test_a_checkpoint_marker_of_the_wrong_shape_is_skipped_with_one_warning(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    (out / "manifest.json").unlink()
+    (out / "checkpoint-2" / checkpointing.MARKER).write_text('{"files": ["not", "a", "mapping"]}')
+    done = rerun(capsys, out, "--max_train_steps", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: skipping checkpoint-2: its completion marker does not list files" in done.stdout
+
+
+def test_a_damaged_wandb_id_starts_a_new_wandb_run_and_a_directory_there_is_refused(finished_run, tmp_path,
+                                                                                   capsys):
+    out = copy_of(finished_run, tmp_path)
+    (out / "manifest.json").unlink()
+    (out / "wandb_run_id").write_text("not an id!\n")
+    wandb_on = [a for a in TINY if a not in ("--report_to", "none")]
+    done = rerun(capsys, out, argv=wandb_on)
+    assert done.returncode == 0 and "does not hold a W&B run id" in done.stdout
+    assert re.fullmatch(r"[a-z0-9]{8}", (out / "wandb_run_id").read_text())
+    (out / "manifest.json").unlink()
+    (out / "wandb_run_id").unlink()
+    (out / "wandb_run_id").mkdir()
+    done = rerun(capsys, out, argv=wandb_on)
+    assert done.returncode == 2 and "is not a file (the toolkit keeps the run's W&B id there)" in done.stderr
+
+
+# -- nothing destructive touches what the toolkit did not write ----------------------------------------------------
+def test_overwrite_of_a_directory_that_never_held_a_run_keeps_the_users_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("README.md", "result.json", "notes.txt", "adapter_config.json"):
+        (out / name).write_text(f"the user's own {name}")
+    done = rerun(capsys, out, "--overwrite_output_dir")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "notes.txt").read_text() == "the user's own notes.txt"
+    assert (out / "result.json").read_text() == "the user's own result.json"
+
+
+def test_overwrite_removes_the_previous_runs_files_and_only_those(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    (out / "notes.txt").write_text("the user's")
+    written = set(json.loads((out / "manifest.json").read_text())["outputs"])
+    assert {"adapter_model.safetensors", "README.md", "run_config.json"} <= written
+    removed = checkpointing.previous_run_files(str(out))
+    assert {p.name for p in removed} == written | {"manifest.json", "checkpoint-2"}
+    done = rerun(capsys, out, "--overwrite_output_dir", "--learning_rate", "1e-3")
+    assert done.returncode == 0 and (out / "notes.txt").read_text() == "the user's"
+
+
+@pytest.mark.parametrize("inside,message", [("checkpoint-2", "is a checkpoint of a run"),
+                                            ("sub", "is inside the run directory")])
+def test_an_output_directory_in_another_run_is_refused(finished_run, tmp_path, capsys, inside, message):
+    out = copy_of(finished_run, tmp_path)
+    before = _snapshot(out)
+    done = rerun(capsys, out / inside)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert _snapshot(out) == before
+
+
+def test_a_merge_never_replaces_its_source_nor_what_it_did_not_write(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    before = _snapshot(out)
+    for target in (out, out.parent, out / "merged"):
+        line = refused(capsys, generate.main, (generate.GenerateArguments,),
+                       ["--adapter", str(out), "--merge", "--merged_dir", str(target), "--overwrite_merged_dir"])
+        assert "the adapter's directory" in line or "inside the training run directory" in line, line
+    assert _snapshot(out) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "weights.bin").write_text("the user's")
+    line = refused(capsys, generate.main, (generate.GenerateArguments,),
+                   ["--adapter", str(out), "--merge", "--merged_dir", str(mine), "--overwrite_merged_dir"])
+    assert "holds files that --merge did not write" in line
+    merged = tmp_path / "merged"
+    for flags in ([], ["--overwrite_merged_dir"]):  # a merge, then a merge replacing it
+        generate.main(cli.parse(generate.GenerateArguments, argv=["--adapter", str(out), "--merge", "--merged_dir",
+                                                                  str(merged), *flags])[0])
+        assert (merged / "model.safetensors").is_file() and (merged / "merge.json").is_file()
+
+
+# -- generate.py's inputs, outputs and evaluation -----------------------------------------------------------------
+def test_generate_refuses_what_would_fail_after_loading(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Write function number {n} for me.", "completion": f"f{n}"})
+                             + "\n" for n in range(8)))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"q{n}", "answer": f"a{n}"}) + "\n" for n in range(8)))
+    cases = [
+        (["--evaluate", "--seq_length", "100000"], "above the model's maximum of 1024 positions"),
+        (["--evaluate", "--dataset", str(pairs), "--seq_length", "2"], "none of the held-out examples keeps a"),
+        (["--prompt", "a", "--prompt", "b"], "--prompt is given twice"),
+        (["--prompt", "a", "--max_new_tokens", "5", "--max-new-tokens", "6"], "--max-new-tokens is given twice"),
+        (["--evaluate", "--prompt_column", "question"], "name --dataset's columns; give --dataset too"),
+        (["--humaneval_limit", "200"], "--humaneval_limit must be 0 (all 164 problems) to 164"),
+        (["--prompt", "a", "--num_samples", "99999999999"], "--num_samples must be at most"),
+    ]
+    for extra, message in cases:
+        line = refused(capsys, generate.main, (generate.GenerateArguments,), ["--adapter", str(out), *extra])
+        assert message in line, (extra, line)
+    # the advice for other columns works
+    results = generate.main(cli.parse(generate.GenerateArguments, argv=[
+        "--adapter", str(out), "--quantization", "none", "--evaluate", "--dataset", str(qa), "--prompt_column",
+        "question", "--completion_column", "answer"])[0])
+    assert results["evaluation"]["adapter_loss"] > 0
+    (out / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    line = refused(capsys, generate.main, (generate.GenerateArguments,), ["--adapter", str(out), "--prompt", "a"])
+    assert "adapter_model.safetensors is damaged" in line
+
+
+def test_evaluating_the_runs_own_data_after_it_changed_is_refused(tmp_path, capsys):
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("".join(json.dumps({"text": f"def f{n}(x):\n    return {n} * x"}) + "\n" for n in range(30)))
+    base_example.main(tiny_args(tmp_path / "out", dataset=str(data_file), max_train_steps=1, eval_steps=1))
+    with open(data_file, "a") as f:
+        f.write(json.dumps({"text": "a new row"}) + "\n")
+    line = refused(capsys, generate.main, (generate.GenerateArguments,),
+                   ["--adapter", str(tmp_path / "out"), "--evaluate"])
+    assert "changed since the run trained on it" in line
+
+
+# -- the sweep ----------------------------------------------------------------------------------------------------
+def test_a_rerun_sweep_measures_no_finished_configuration_again(tmp_path, capsys):
+    speed = karpathy_speedups_example.SpeedupArguments(num_workers=0)
+    args = tiny_args(tmp_path / "sweep", max_train_steps=3, seq_length=32)
+    karpathy_speedups_example.main(args, speed, SweepArguments(sweep_batch_sizes="2"))
+    result = tmp_path / "sweep" / "bs2-w0-pin1-pack0-ckpt0" / "result.json"
+    measured = result.read_bytes()
+    capsys.readouterr()
+    for sweeping in (SweepArguments(sweep_batch_sizes="2"), SweepArguments(sweep_batch_sizes="2", sweep_index=0)):
+        karpathy_speedups_example.main(args, speed, sweeping)  # a rerun, and a retried Indexed Job pod
+        assert "bs2-w0-pin1-pack0-ckpt0: measured already (ok)" in capsys.readouterr().out
+        assert result.read_bytes() == measured
+
+
+SWEEP_INPUTS = [
+    (lambda d: ["--dataset", str(d / "missing.jsonl"), "--sweep_batch_sizes", "2"], "does not exist"),
+    (lambda d: ["--merge_results", str(d / "nowhere")], "is not a directory"),
+    (lambda d: ["--merge_results", str(d)], "no result.json in"),
+    (lambda d: ["--output_dir", _write(d / "a-file", "x"), "--sweep_batch_sizes", "2"], "is a file"),
+    (lambda d: ["--sweep_batch_sizes", "2,4,2"], "lists 2 more than once"),
+    (lambda d: ["--sweep_batch_sizes", "4096"], "'4096' is not a positive integer"),
+    (lambda d: ["--num_train_epochs", "2", "--sweep_batch_sizes", "2"], "give --max_train_steps"),
+]
+
+
+@pytest.mark.parametrize("make_argv,message", SWEEP_INPUTS)
+def test_a_sweeps_inputs_are_checked_before_the_first_configuration(tmp_path, capsys, make_argv, message):
+    argv = with_flags([*TINY, "--output_dir", str(tmp_path / "sweep")], make_argv(tmp_path))
+    before = _snapshot(tmp_path)
+    line = refused(capsys, karpathy_speedups_example.main,
+                   (TrainArguments, karpathy_speedups_example.SpeedupArguments, SweepArguments), argv)
+    assert message in line, line
+    assert _snapshot(tmp_path) == before
+
+
+def test_sigterm_while_a_configuration_loads_stops_the_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    parent = subprocess.Popen(
+        [sys.executable, "karpathy_speedups_example.py", *TINY, "--num_workers", "0", "--max_train_steps", "3",
+         "--sweep_batch_sizes", "2,4", "--output_dir", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in parent.stdout:
+        if line.startswith("[sweep 1/2] bs2"):  # the child has started and is loading
+            break
+    time.sleep(0.5)
+    parent.send_signal(signal.SIGTERM)
+    _, errors = parent.communicate(timeout=120)
+    assert parent.returncode == 128 + signal.SIGTERM, errors[-2000:]
+    assert "sweep stopped during bs2-w0-pin1-pack0-ckpt0" in errors
+    assert json.loads((out / "bs2-w0-pin1-pack0-ckpt0" / "result.json").read_text())["status"] == "stopped"
+    assert not (out / "bs4-w0-pin1-pack0-ckpt0").exists()
+
+
+# -- a write that fails -------------------------------------------------------------------------------------------
+def test_write_failures_are_one_line_naming_the_path_the_cause_and_the_last_checkpoint(tmp_path, monkeypatch):
+    from finetune import files
+    from finetune.errors import WriteFailed
+
+    # A disk cannot fill here: these raise what the writers raise on a full one.
+    def torch_on_a_full_disk():  # torch.save's words for it: no path, no errno
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def python_on_a_full_disk():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "manifest.json"))
+
+    # torch says only "unexpected pos": the file system's free space says why (none: the disk is full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+    for attempt in (torch_on_a_full_disk, python_on_a_full_disk):
+        with pytest.raises(WriteFailed) as failure:
+            with files.writes_into(str(tmp_path), lambda: "checkpoint-4"):
+                attempt()
+        assert "No space left on device" in str(failure.value) and "checkpoint-4" in str(failure.value)
+    with pytest.raises(ZeroDivisionError):  # anything else is not turned into a line
+        with files.writes_into(str(tmp_path), lambda: None):
+            1 / 0
+
+
+def test_a_full_disk_at_a_checkpoint_ends_in_one_line(tmp_path):
+    # The disk cannot fill here: saving the second checkpoint's optimizer fails as torch.save does on a full disk,
+    # and the file system reports no space left.
+    prelude = ("import shutil, torch, types; _save = torch.save\n"
+               "def save(obj, f, *a, **k):\n"
+               "    if 'checkpoint-4/optimizer' in str(f):\n"
+               "        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')\n"
+               "    return _save(obj, f, *a, **k)\n"
+               "torch.save = save\n"
+               "shutil.disk_usage = lambda path: types.SimpleNamespace(free=0)\n")
+    code = (f"import sys; sys.argv = ['base_example.py'] + {[*TINY, '--max_train_steps', '4', '--eval_steps', '2', '--output_dir', str(tmp_path / 'out')]!r}\n"  # noqa: E501
+            f"{prelude}import runpy; runpy.run_path('base_example.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: could not write ") and "No space left on device" in line
+    assert f"the last complete checkpoint is {tmp_path / 'out' / 'checkpoint-2'}" in line
