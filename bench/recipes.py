@@ -64,7 +64,10 @@ RECIPES = {
     "fast_unfused": dict(cli.RECIPES["fast"], fuse_lora=False),
     "long": cli.RECIPES["long"],
     "long_fast": dict(cli.RECIPES["long"], quantization="4bit"),
+    "fp8_lean": cli.RECIPES["fp8_lean"],
+    "fp8_lean_b4": dict(cli.RECIPES["fp8_lean"], batch_size=4),
     "lean": cli.RECIPES["lean"],
+    "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
 }
 
 
@@ -90,17 +93,17 @@ def causal_lm_class(config):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
-def random_state_dict(config, dtype) -> dict:
-    """Random weights of the config's shape (GPT-2-style N(0, 0.02) init) on the GPU, for the loading path to
-    quantize."""
+def random_state_dict(config, dtype, on_cpu: bool = False) -> dict:
+    """Random weights of the config's shape (GPT-2-style N(0, 0.02) init), drawn on the GPU, for the loading path
+    to quantize; `on_cpu`: kept on the CPU, as an FP8 base loads (finetune/pipeline.py)."""
     from finetune import modeling
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in causal_lm_class(config)(config).state_dict().items()}
     device = modeling.device()  # this rank's GPU under torchrun (bench/ddp_scaling.py)
     generator = torch.Generator(device=device).manual_seed(0)
-    return {name: (torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.02)
-            for name, shape in shapes.items()}
+    return {name: (torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.02).to(
+        "cpu" if on_cpu else device) for name, shape in shapes.items()}
 
 
 # Example lengths in tokens: CodeAlpaca-like prompt/completion pairs, or whole source files.
@@ -157,6 +160,10 @@ def run_one(name: str, options) -> dict:
     from flops_counter import TFLOPSCallback, flops_per_token
 
     total_steps = options.warmup + options.steps
+    if options.memory_cap_gib and torch.cuda.is_available():  # a smaller card's memory, on this one
+        gpu = modeling.device()
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, options.memory_cap_gib * memory.GIB / torch.cuda.get_device_properties(gpu).total_memory), gpu)
     with tempfile.TemporaryDirectory() as output_dir:
         recipe = {**RECIPES[name], "seq_length": options.seq_length or RECIPES[name]["seq_length"],
                   "batch_size": options.batch_size or RECIPES[name]["batch_size"]}
@@ -165,7 +172,7 @@ def run_one(name: str, options) -> dict:
         dtype = modeling.compute_dtype(args.dtype) if torch.cuda.is_available() else torch.float32
         config = architecture.config(options.family, options.size)
         config._attn_implementation = "sdpa"
-        state_dict = random_state_dict(config, dtype)
+        state_dict = random_state_dict(config, dtype, on_cpu=args.quantization == "fp8")
         targets = modeling.lora_targets(config, None)
         lora = modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, ",".join(targets))
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
@@ -193,7 +200,7 @@ def run_one(name: str, options) -> dict:
         trainer.train()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"recipe": name, **recipe, "family": options.family,
-              "size": options.size, "data": options.data, "fim_rate": options.fim_rate, "load_seconds": load_seconds,
+              "size": options.size, "data": options.data, "fim_rate": options.fim_rate, "memory_cap_gib": options.memory_cap_gib, "load_seconds": load_seconds,
               "estimated_memory_gib": estimated,
               **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
@@ -289,7 +296,8 @@ def write_json(path: str, header: dict, results: list[dict]) -> None:
             json.dump({**header, "results": results}, f, indent=1)
 
 
-RUN_ARGUMENTS = ("family", "size", "steps", "warmup", "seq_length", "batch_size", "data", "fim_rate")
+RUN_ARGUMENTS = ("family", "size", "steps", "warmup", "seq_length", "batch_size", "data", "fim_rate",
+                 "memory_cap_gib")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +315,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="pairs", choices=list(DATA),
                         help="example lengths: pairs (80-600 tokens, CodeAlpaca-like) or files (2,000-8,000 tokens)")
     parser.add_argument("--fim_rate", type=float, default=0.0, help="share of packed examples in FIM form")
+    parser.add_argument("--memory_cap_gib", type=float, default=0.0,
+                        help="cap each run's GPU memory at this many GiB (a smaller card's, on this one)")
     parser.add_argument("--json", default="", help="write the header and results here")
 
 
@@ -328,8 +338,9 @@ def main(options) -> list[dict]:
         results.append(run_recipe(name, options, extra=tuple(extra)))
         print(json.dumps(results[-1]), flush=True)
         write_json(options.json, header, results)  # after each recipe: a run cut short keeps what it measured
-    fim_note = f", {options.fim_rate:.0%} of them FIM" if options.fim_rate else ""
-    print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{fim_note}, "
+    notes = f", {options.fim_rate:.0%} of them FIM" if options.fim_rate else ""
+    notes += f", memory capped at {options.memory_cap_gib:g} GiB" if options.memory_cap_gib else ""
+    print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{notes}, "
           f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
           f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak")
     print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>4s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "

@@ -116,9 +116,11 @@ def dequantized_weight(module) -> torch.Tensor:
     return weight.data
 
 
-def convert(model, skip=("lora_A", "lora_B")) -> int:
+def convert(model, device: torch.device | None = None, skip=("lora_A", "lora_B")) -> int:
     """Replace every frozen linear layer of `model` (LoRA's base layers, unadapted linears, a tied LM head) with a
-    Float8Linear on the same device; LoRA's own A and B stay as they are. Returns how many were replaced."""
+    Float8Linear, on `device` (default: where the layer is); LoRA's own A and B stay as they are. Each layer moves
+    to `device` in 16 bits only while it is quantized, so a model loaded on the CPU reaches a GPU that holds its FP8
+    weights but not its 16-bit ones. Returns how many were replaced."""
     replaced = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -126,6 +128,9 @@ def convert(model, skip=("lora_A", "lora_B")) -> int:
                     or child.weight.requires_grad):
                 continue
             bias = child.bias if child.bias is not None and not child.bias.requires_grad else None
-            setattr(module, child_name, Float8Linear(dequantized_weight(child), bias))
+            weight = dequantized_weight(child)
+            if device is not None:
+                weight, bias = weight.to(device), None if bias is None else bias.to(device)
+            setattr(module, child_name, Float8Linear(weight, bias))
             replaced += 1
     return replaced

@@ -5,7 +5,7 @@ The estimate (GiB, and what is in it):
 - frozen weights: linear layers at their storage size (NF4 with double quantization 0.52 bytes a weight: 4 bits and
   its block scales; LLM.int8 and FP8 1; a 16-bit base 2), everything else (embeddings, norms, biases, and the output
   head, which bitsandbytes leaves unquantized) in the compute dtype, or fp32 with --fp32_upcast. An FP8 base loads
-  in bf16 first: that is its peak while loading;
+  on the CPU and reaches the GPU a layer at a time, so its loading never holds more than the step does;
 - LoRA: weights, gradients and AdamW's two fp32 moments;
 - activations kept for the backward, per token and layer: about 6 x hidden values of 2 bytes (layer-norm inputs
   and outputs, q/k/v, the attention output), the MLP's pre-activation (gate and up with a gated MLP), and its
@@ -73,7 +73,7 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointing: bool,
              fp32_upcast: bool = False, chunked_loss: bool = True) -> dict[str, float]:
-    """GiB by component, and `total`: the peak of a training step (or of loading, where that is higher)."""
+    """GiB by component, and `total`: the peak of a training step."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
@@ -89,10 +89,7 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
              "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2}
     parts = {name: value / GIB for name, value in parts.items()}
-    step = sum(parts.values()) + OVERHEAD_GIB
-    loading = (shape.linear + shape.head * (not shape.tied) + shape.other) * 2 / GIB + OVERHEAD_GIB \
-        if quantization == "fp8" else 0
-    return {**parts, "total": max(step, loading)}
+    return {**parts, "total": sum(parts.values()) + OVERHEAD_GIB}
 
 
 def device_gib() -> float | None:

@@ -160,11 +160,11 @@ def device() -> torch.device:
 
 
 def load_model(model: str | None, quantization: BitsAndBytesConfig | None, dtype: torch.dtype,
-               model_class=AutoModelForCausalLM, **from_pretrained_kwargs):
-    """The base model, quantized as `quantization` says, on this process's device, in `dtype`, for training (no
-    key/value cache). The benches build a model from in-memory weights through the same path: `model=None`, the
-    architecture's class, and `config=` and `state_dict=`."""
-    placement = device()
+               model_class=AutoModelForCausalLM, on_cpu: bool = False, **from_pretrained_kwargs):
+    """The base model, quantized as `quantization` says, on this process's device (`on_cpu`: on the CPU, for the
+    caller to move), in `dtype`, for training (no key/value cache). The benches build a model from in-memory weights
+    through the same path: `model=None`, the architecture's class, and `config=` and `state_dict=`."""
+    placement = torch.device("cpu") if on_cpu else device()
     if fsdp_enabled() and quantization is not None and quantization.load_in_4bit:
         # FSDP flattens each wrapped module's parameters into one tensor of one dtype: the packed 4-bit weights are
         # stored as the compute dtype (peft's FSDP-QLoRA guide)

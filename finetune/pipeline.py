@@ -92,7 +92,11 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     """The base loaded and quantized, with per-example attention for packed data, LoRA, FP8 base layers where asked,
     and the chunked loss. The benches build a model from in-memory weights through this path too (`model=None`,
     the architecture's class, `config=` and `state_dict=`)."""
-    model = modeling.load_model(model, quantization, modeling.compute_dtype(args.dtype), **from_pretrained_kwargs)
+    # An FP8 base loads in 16 bits on the CPU and reaches the GPU a layer at a time as it is quantized (fp8.convert):
+    # a 24 GB card holds StarCoder-15B in FP8 (15 GiB) but not in bf16 (29 GiB).
+    fp8_base = args.quantization == "fp8"
+    model = modeling.load_model(model, quantization, modeling.compute_dtype(args.dtype), on_cpu=fp8_base,
+                                **from_pretrained_kwargs)
     model.config.pad_token_id = model.generation_config.pad_token_id = pad_token_id
     if per_example:
         attention.use(model)
@@ -100,8 +104,9 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     model = modeling.add_lora(model, lora, args.fp32_upcast, args.gradient_checkpointing, args.fp32_adapter)
     if int(os.environ.get("RANK", 0)) == 0:
         model.print_trainable_parameters()
-    if args.quantization == "fp8":
-        fp8.convert(model)  # after LoRA: its A and B stay trainable bf16 layers
+    if fp8_base:
+        fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
+        model.to(modeling.device())  # the rest: embeddings, norms, LoRA
     if args.fuse_lora:
         fusion.fuse_lora(model)
     if args.compile_layers:

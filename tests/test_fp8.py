@@ -94,3 +94,17 @@ def test_an_adapter_trained_over_fp8_loads_into_a_16_bit_or_4_bit_base(fp8_adapt
     assert trained.keys() == reloaded.keys()
     assert all(torch.equal(trained[n].cpu(), reloaded[n].cpu().to(trained[n].dtype)) for n in trained)
     assert any(p.abs().sum() > 0 for n, p in reloaded.items() if "lora_B" in n)
+
+
+def test_conversion_moves_each_layer_to_the_device_as_it_quantizes():
+    """An FP8 base loads on the CPU and reaches the GPU a layer at a time (a 24 GB card cannot hold StarCoder-15B in
+    bf16). The meta device stands in for the GPU: every converted layer lands there, the rest stays for model.to."""
+    model = modeling.add_lora(modeling.load_model("tiny-starcoder", None, torch.bfloat16, on_cpu=True),
+                              modeling.lora_config(r=4, alpha=8, dropout=0.0, targets="c_attn,c_proj"))
+    replaced = fp8.convert(model, torch.device("meta"))
+    converted = [m for m in model.modules() if isinstance(m, fp8.Float8Linear)]
+    assert replaced == len(converted) == 4 * 4 + 1
+    assert all(m.weight.is_meta and m.weight.dtype == fp8.E4M3 and m.weight_scale.is_meta for m in converted)
+    assert all(m.bias is None or m.bias.is_meta for m in converted)
+    assert not model.get_input_embeddings().weight.is_meta  # not a linear layer: moved with the rest
+    assert all(not p.is_meta for n, p in model.named_parameters() if "lora_" in n)
