@@ -103,7 +103,13 @@ class Float8Linear(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+        return matmul(x, self.weight, self.weight_scale, self.bias)
+
+
+def matmul(x, weight, weight_scale, bias=None):
+    """x W^T + b for a frozen FP8 weight stored as Float8Linear stores it (finetune/fusion.py calls it on the rows of
+    several layers at once)."""
+    return _FrozenFloat8Matmul.apply(x, weight, weight_scale, bias)
 
 
 def dequantized_weight(module) -> torch.Tensor:

@@ -4,6 +4,11 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
 - `fuse_lora`: peft computes a LoRA layer as base(x) + B(A(x)) * scale: the B matmul, the scaling and the add are
   three kernels, two of them full passes over the layer's output. Here B, its scale and the add are one GEMM
   (`torch.addmm`, whose epilogue adds the base output), the scale folded into B's small (out x r) weight.
+- `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
+  base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
+  own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
+  LoRA's down-projections as one GEMM over their stacked A matrices and the up-projections through one
+  block-diagonal B; in the backward one input-gradient GEMM instead of three and their sum.
 - `compile_layers`: each decoder layer compiled with torch.compile (regional compilation: one layer's code, reused
   by the others), so the elementwise work around the GEMMs (layer norms, GELU, the FP8 layers' activation
   quantization, LoRA's adds) fuses into fewer kernels. GPUs only; the first steps pay the compilation.
@@ -14,15 +19,27 @@ import types
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from . import fp8
+
+# Projections of one block that read the same input: StarCoder2's, Llama's and Qwen2's attention, and the gated MLP.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _plain_adapter(layer, x, args, kwargs) -> str | None:
+    """The adapter a LoRA layer's forward runs in the plain case (one active adapter, no variant such as DoRA, not
+    merged or disabled, no bias on B, the input in the adapter's dtype, no extra arguments); None otherwise."""
+    names = layer.active_adapters
+    name = names[0] if len(names) == 1 else None
+    plain = (name in layer.lora_A and name not in layer.lora_variant and not (args or kwargs) and not layer.merged
+             and not layer.disable_adapters and layer.lora_B[name].bias is None)
+    return name if plain and layer.lora_A[name].weight.dtype == x.dtype else None
+
 
 def _fused_lora_forward(self, x, *args, **kwargs):
-    """peft's lora.Linear forward with B, its scale and the add in one addmm; any case but the plain one (adapter
-    disabled or merged, several adapters, DoRA and other variants, a dtype cast, extra arguments) is peft's own."""
-    names = self.active_adapters
-    name = names[0] if len(names) == 1 else None
-    plain = (name in self.lora_A and name not in self.lora_variant and not (args or kwargs) and not self.merged
-             and not self.disable_adapters and self.lora_B[name].bias is None)
-    if not plain or self.lora_A[name].weight.dtype != x.dtype:
+    """peft's lora.Linear forward with B, its scale and the add in one addmm; any case but the plain one is peft's
+    own."""
+    name = _plain_adapter(self, x, args, kwargs)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     down = self.lora_A[name](self.lora_dropout[name](x))
@@ -30,9 +47,58 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), up).view(result.shape)
 
 
+class _Siblings:
+    """Sibling LoRA layers over FP8 bases computed together, once per input, each taking its slice of the result."""
+
+    def __init__(self, layers: list):
+        bases = [layer.base_layer for layer in layers]
+        self.layers, self.sizes = layers, [base.out_features for base in bases]
+        self.weight = torch.cat([base.weight for base in bases])
+        self.scale = torch.cat([base.weight_scale for base in bases])
+        self.bias = torch.cat([base.bias for base in bases]) if all(b.bias is not None for b in bases) else None
+        start = 0
+        for base, size in zip(bases, self.sizes):  # each layer keeps working alone (adapter disabled, merging)
+            base.weight = torch.nn.Parameter(self.weight[start : start + size], requires_grad=False)
+            base.weight_scale = self.scale[start : start + size]
+            if self.bias is not None:
+                base.bias = torch.nn.Parameter(self.bias[start : start + size], requires_grad=False)
+            start += size
+        self.input = self.outputs = None
+        self.pending = 0
+
+    def usable(self, x, args, kwargs) -> bool:
+        names = {_plain_adapter(layer, x, args, kwargs) for layer in self.layers}
+        return None not in names and len(names) == 1 and all(
+            isinstance(layer.lora_dropout[next(iter(names))], torch.nn.Identity) for layer in self.layers)
+
+    def output(self, index: int, x):
+        if self.input is not x:  # the first sibling called with this input computes for all
+            self.input, self.outputs, self.pending = x, self._compute(x), len(self.layers)
+        out = self.outputs[index]
+        self.pending -= 1
+        if not self.pending:  # every sibling has its slice: hold nothing until the next input
+            self.input = self.outputs = None
+        return out
+
+    def _compute(self, x):
+        name = self.layers[0].active_adapters[0]
+        rows = x.reshape(-1, x.shape[-1])
+        base = fp8.matmul(rows, self.weight, self.scale, self.bias)
+        down = rows @ torch.cat([layer.lora_A[name].weight for layer in self.layers]).t()
+        up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
+        return torch.addmm(base, down, up.t().to(base.dtype)).view(*x.shape[:-1], -1).split(self.sizes, -1)
+
+
+def _sibling_forward(self, x, *args, **kwargs):
+    if self._siblings.usable(x, args, kwargs):
+        return self._siblings.output(self._sibling_index, x)
+    return _fused_lora_forward(self, x, *args, **kwargs)
+
+
 def fuse_lora(model) -> int:
-    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward;
-    returns how many."""
+    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward, and
+    sibling layers over FP8 bases their shared one; returns how many layers were fused. Call it once the model is on
+    its device (a sibling's weight is a view of the shared one)."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0
@@ -40,6 +106,15 @@ def fuse_lora(model) -> int:
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
             module.forward = types.MethodType(_fused_lora_forward, module)
             fused += 1
+    for module in list(model.modules()):
+        for names in SIBLINGS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(isinstance(layer, LoraLayer) and isinstance(layer.base_layer, fp8.Float8Linear)
+                   for layer in layers) and len({layer.base_layer.in_features for layer in layers}) == 1:
+                siblings = _Siblings(layers)
+                for index, layer in enumerate(layers):
+                    layer._siblings, layer._sibling_index = siblings, index
+                    layer.forward = types.MethodType(_sibling_forward, layer)
     return fused
 
 

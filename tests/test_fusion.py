@@ -1,0 +1,95 @@
+"""The fused paths (finetune/fusion.py) compute what peft's unfused layers compute, fall back to them where they do
+not apply, and store nothing twice."""
+
+import pytest
+import torch
+
+from finetune import fp8, fusion, modeling
+from test_fp8 import needs_scaled_mm
+
+
+def lora_model(name: str, targets: str, dtype=torch.float32, base_in_fp8=False):
+    torch.manual_seed(0)
+    model = modeling.add_lora(modeling.load_model(name, None, dtype),
+                              modeling.lora_config(r=4, alpha=8, dropout=0.0, targets=targets))
+    for n, p in model.named_parameters():  # B starts at zero: give the adapter something to add
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    if base_in_fp8:
+        fp8.convert(model)
+    return model
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("name,targets,layers", [("tiny-starcoder", "c_attn,c_proj", 3 * 4),  # c_proj twice a block
+                                                 ("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj", 4 * 4)])
+def test_fused_lora_layers_give_peft_s_loss_and_gradients(name, targets, layers):
+    model = lora_model(name, targets)
+    ids = torch.randint(20, 4000, (2, 24))
+    unfused = loss_and_grads(model, ids)
+    assert fusion.fuse_lora(model) == layers
+    fused = loss_and_grads(model, ids)
+    assert fused[0] == pytest.approx(unfused[0], rel=1e-6)
+    assert fused[1].keys() == unfused[1].keys() and all(
+        torch.allclose(fused[1][n], unfused[1][n], rtol=1e-4, atol=1e-6) for n in unfused[1])
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("name,groups", [("tiny-starcoder2", 1), ("tiny-llama", 2)])
+def test_siblings_over_an_fp8_base_share_one_computation_with_the_same_result(name, groups):
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    model = lora_model(name, targets, torch.bfloat16, base_in_fp8=True)
+    ids = torch.randint(20, 4000, (2, 24))
+    reference = loss_and_grads(lora_model(name, targets, torch.bfloat16), ids)  # no FP8 anywhere
+    unfused = loss_and_grads(model, ids)
+    calls = []
+    original = fp8.matmul
+    fusion.fuse_lora(model)
+    fusion.fp8.matmul = lambda x, weight, *rest: calls.append(weight.shape[0]) or original(x, weight, *rest)
+    try:
+        fused = loss_and_grads(model, ids)
+    finally:
+        fusion.fp8.matmul = original
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    query, key_value = config.hidden_size, config.num_key_value_heads * head_dim
+    assert calls.count(query + 2 * key_value) == config.num_hidden_layers  # q, k and v: one GEMM a block
+    assert key_value not in calls  # k and v never alone
+    if groups == 2:
+        assert calls.count(2 * config.intermediate_size) == config.num_hidden_layers  # gate and up: one GEMM
+        assert config.intermediate_size not in calls
+    # The forward is the same arithmetic. The backward quantizes the siblings' stacked output gradient with one scale
+    # per row (e4m3 is floating point: a scale sets the range, not the relative precision), so the gradients are
+    # as far from those of a bf16 base as the unfused FP8 layers' are.
+    assert fused[0] == pytest.approx(unfused[0], rel=1e-3)
+    assert fused[1].keys() == unfused[1].keys() == reference[1].keys()
+    error = {way: sum(relative_error(grads[n], reference[1][n]) for n in grads) / len(grads)
+             for way, (_, grads) in (("unfused", unfused), ("fused", fused))}
+    assert error["fused"] < 1.1 * error["unfused"], error
+
+
+@needs_scaled_mm
+def test_siblings_store_nothing_twice_and_each_layer_still_works_alone():
+    model = lora_model("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj", torch.bfloat16, base_in_fp8=True)
+    ids = torch.randint(20, 4000, (2, 24))
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=ids).logits
+    fusion.fuse_lora(model)
+    attention = model.get_base_model().model.layers[0].self_attn
+    shared = attention.q_proj._siblings.weight
+    for layer in (attention.q_proj, attention.k_proj, attention.v_proj):
+        assert layer.base_layer.weight.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == before
+    with torch.no_grad(), model.disable_adapter():  # peft's own path, through each layer's view of the weights
+        assert torch.equal(model(input_ids=ids).logits, base_logits)
