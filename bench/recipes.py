@@ -325,6 +325,8 @@ def check_run_arguments(parser: argparse.ArgumentParser, options) -> None:
 
     if options.size not in FAMILIES[options.family].sizes:
         parser.error(f"--size {options.size}: {options.family} has {', '.join(FAMILIES[options.family].sizes)}")
+    if not 0 <= options.memory_cap_gib < float("inf"):
+        parser.error(f"--memory_cap_gib {options.memory_cap_gib}: a number of GiB (0: no cap)")
 
 
 def main(options) -> list[dict]:

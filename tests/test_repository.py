@@ -240,3 +240,16 @@ def test_an_embedded_source_tree_stands_in_for_a_repository():
     names = {s[1].split("\n", 1)[0].removeprefix("<reponame>stdlib<filename>") for s in examples["segments"]}
     modules = {path.name for path in embedded._stdlib_pairs()[0]}  # the modules stdlib-code is made from
     assert data_format == "text" and len(names) > 50 and names <= modules and len(modules - names) <= 5
+
+
+def test_gitignore_patterns_git_cannot_read_are_skipped_with_a_warning(tmp_path, capsys):
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / ".gitignore").write_text("[z-a]\n*.log\n")
+    (root / "keep.py").write_text("x = 1\n")
+    (root / "debug.log").write_text("noise\n")
+    examples, _ = data.load_examples(str(root), tokenizer=modeling.load_tokenizer("tiny-starcoder"))
+    assert [segments[1].rsplit(">", 1)[1] for segments in examples["segments"]] == ["keep.py\nx = 1\n"]
+    out = capsys.readouterr().out
+    assert f"warning: {root / '.gitignore'}: 1 pattern git cannot read either, skipped" in out
+    assert "1 ignored by .gitignore" in out  # the patterns around it still apply
