@@ -172,7 +172,10 @@ def run_one(name: str, options) -> dict:
         dtype = modeling.compute_dtype(args.dtype) if torch.cuda.is_available() else torch.float32
         config = architecture.config(options.family, options.size)
         config._attn_implementation = "sdpa"
-        state_dict = random_state_dict(config, dtype, on_cpu=args.quantization == "fp8")
+        # on the CPU where the run would load from disk without a 16-bit copy on the GPU: FP8 always, and under a cap
+        # bitsandbytes too (it quantizes each weight as it moves to the GPU)
+        state_dict = random_state_dict(config, dtype,
+                                       on_cpu=args.quantization == "fp8" or bool(options.memory_cap_gib))
         targets = modeling.lora_targets(config, None)
         lora = modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, ",".join(targets))
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
@@ -199,8 +202,8 @@ def run_one(name: str, options) -> dict:
             **training.length_grouped(False))
         trainer.train()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"recipe": name, **recipe, "family": options.family,
-              "size": options.size, "data": options.data, "fim_rate": options.fim_rate, "memory_cap_gib": options.memory_cap_gib, "load_seconds": load_seconds,
+    result = {"recipe": name, **recipe, "family": options.family, "size": options.size, "data": options.data,
+              "fim_rate": options.fim_rate, "memory_cap_gib": options.memory_cap_gib, "load_seconds": load_seconds,
               "estimated_memory_gib": estimated,
               **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}

@@ -86,7 +86,11 @@ class _Siblings:
         base = fp8.matmul(rows, self.weight, self.scale, self.bias)
         down = rows @ torch.cat([layer.lora_A[name].weight for layer in self.layers]).t()
         up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        return torch.addmm(base, down, up.t().to(base.dtype)).view(*x.shape[:-1], -1).split(self.sizes, -1)
+        out = torch.addmm(base, down, up.t().to(base.dtype)).view(*x.shape[:-1], -1)
+        # A slice that attention saves for the backward (v) would keep the whole output alive: the small ones are
+        # copied out (k and v are 7% each of StarCoder2-15B's q/k/v width).
+        return [part if 4 * size >= out.shape[-1] else part.contiguous()
+                for part, size in zip(out.split(self.sizes, -1), self.sizes)]
 
 
 def _sibling_forward(self, x, *args, **kwargs):
