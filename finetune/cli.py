@@ -68,9 +68,10 @@ def require(condition: bool, message: str) -> None:
 def local_path(value: str) -> str:
     """A path that exists here (or names a local data file) made absolute, so `data/x.jsonl` and its absolute form
     are the same run; several comma-separated paths and globs each so; a Hub id is kept as it is."""
-    if "," in value or any(c in value for c in "*?["):
+    if "," in value:
         return ",".join(local_path(part) for part in value.split(",") if part)
-    if os.path.exists(value) or value.lower().endswith(LOCAL_DATA_FORMATS) or value.startswith(("./", "../")):
+    if os.path.exists(value) or value.lower().endswith(LOCAL_DATA_FORMATS) or value.startswith(("./", "../")) \
+            or any(c in value for c in "*?["):  # a glob of source trees
         return os.path.abspath(value)
     return value
 

@@ -30,6 +30,7 @@ TINY = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--report_to", 
 
 
 def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return str(path)
 
@@ -61,6 +62,9 @@ def broken(tmp_path_factory) -> Path:
 
 
 TRAINING = [  # (argv after the common ones, given the fixture's directory; a fragment of the one error line)
+    (lambda d: ["--dataset", str(d / "nothing*")], "is not a directory (nor a glob of directories)"),
+    (lambda d: ["--dataset", _write(d / "ignored" / ".gitignore", "[z-a]\n*.py\n")
+                and _write(d / "ignored" / "a.py", "") and str(d / "ignored")], "holds no source file to train on (skipped: 1 ignored by .gitignore)"),
     (lambda d: ["--dataset", _write(d / "null.jsonl", '{"prompt": "a", "completion": null}\n')], "completion is null"),
     (lambda d: ["--dataset", _write(d / "lists.json", json.dumps({"prompt": ["a"], "completion": ["b"]}))],
      "prompt is of type list"),
