@@ -93,3 +93,23 @@ def test_siblings_store_nothing_twice_and_each_layer_still_works_alone():
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == before
     with torch.no_grad(), model.disable_adapter():  # peft's own path, through each layer's view of the weights
         assert torch.equal(model(input_ids=ids).logits, base_logits)
+
+
+@needs_scaled_mm
+def test_siblings_compile_inside_a_decoder_layer_without_a_graph_break():
+    """--compile_layers compiles each decoder layer around the siblings' shared computation: it traces whole (the
+    aot_eager backend stands in for the GPU's inductor) and computes the same."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = lora_model("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj", torch.bfloat16, base_in_fp8=True)
+    fusion.fuse_lora(model)
+    ids = torch.randint(20, 4000, (2, 24))
+    eager = loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        layer.compile(backend="aot_eager")
+    compiled = loss_and_grads(model, ids)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert compiled[0] == eager[0]
+    assert all(torch.equal(compiled[1][n], eager[1][n]) for n in eager[1])
