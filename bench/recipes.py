@@ -59,12 +59,16 @@ RECIPES = {
     "fp8_ckpt": dict(cli.RECIPES["fp8"], gradient_checkpointing=True),
     "fast_ckpt": dict(cli.RECIPES["fast"], gradient_checkpointing=True),
     "fp8_b8": dict(cli.RECIPES["fp8"], batch_size=8),
+    "fp8_b6": dict(cli.RECIPES["fp8"], batch_size=6),
+    "fp8_b6_compiled": dict(cli.RECIPES["fp8"], batch_size=6, compile_layers=True),
+    "fast_b6": dict(cli.RECIPES["fast"], batch_size=6),
     "fp8_unfused": dict(cli.RECIPES["fp8"], fuse_lora=False),
     "fp8_compiled": dict(cli.RECIPES["fp8"], compile_layers=True),
     "fast_unfused": dict(cli.RECIPES["fast"], fuse_lora=False),
     "long": cli.RECIPES["long"],
     "long_fast": dict(cli.RECIPES["long"], quantization="4bit"),
     "fp8_lean": cli.RECIPES["fp8_lean"],
+    "fp8_lean_b3": dict(cli.RECIPES["fp8_lean"], batch_size=3),
     "fp8_lean_b4": dict(cli.RECIPES["fp8_lean"], batch_size=4),
     "lean": cli.RECIPES["lean"],
     "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
@@ -178,14 +182,16 @@ def run_one(name: str, options) -> dict:
                                        on_cpu=args.quantization == "fp8" or bool(options.memory_cap_gib))
         targets = modeling.lora_targets(config, None)
         lora = modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, ",".join(targets))
-        estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
-                                    args.seq_length, args.gradient_checkpointing, args.fp32_upcast)["total"]
         started = time.perf_counter()
         model = pipeline.model_for_training(args, modeling.quantization_config(args.quantization, dtype), lora,
                                             None, args.packing and args.packed_attention == "per_example",
                                             model_class=causal_lm_class(config), config=config, state_dict=state_dict)
         del state_dict
         load_seconds = time.perf_counter() - started
+        recompute_gelu = any(getattr(module, "_gelu_input", False) for module in model.modules())
+        estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
+                                    args.seq_length, args.gradient_checkpointing, args.fp32_upcast,
+                                    recompute_gelu=recompute_gelu)["total"]
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
         fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
                               tokenizer.eos_token_id) if options.fim_rate else None
@@ -194,9 +200,11 @@ def run_one(name: str, options) -> dict:
                                        fim_options)
         tflops = TFLOPSCallback(warmup_steps=options.warmup)
         timer = CudaEventTimer() if options.verify_flops and torch.cuda.is_available() else None
+        profiler = StepProfiler(options.warmup - 1, os.path.join(options.profile_dir, f"profile-{name}.txt")) if (
+            options.profile_dir and torch.cuda.is_available()) else None
         run = pipeline.Prepared(tokenizer, model, train_set, None, None, {})
         trainer = training.build_trainer(
-            args, run, callbacks=[tflops] + ([timer.callback] if timer else []),
+            args, run, callbacks=[tflops] + [extra.callback for extra in (timer, profiler) if extra],
             eval_strategy="no", eval_on_start=False, save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
             dataloader_num_workers=2, dataloader_pin_memory=torch.cuda.is_available(),
             **training.length_grouped(False))
@@ -204,6 +212,7 @@ def run_one(name: str, options) -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"recipe": name, **recipe, "family": options.family, "size": options.size, "data": options.data,
               "fim_rate": options.fim_rate, "memory_cap_gib": options.memory_cap_gib, "load_seconds": load_seconds,
+              "recompute_gelu": recompute_gelu,
               "estimated_memory_gib": estimated,
               **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
@@ -219,9 +228,8 @@ def run_one(name: str, options) -> dict:
             result["verify"]["flop_counter_per_token"] = flop_counter_per_token(model, args, train_set, tokenizer,
                                                                                 autocast)
             result["verify"]["ours_per_token"] = flops_per_token(model, args.seq_length).model
-    if options.profile_dir and torch.cuda.is_available():
-        result["profile"] = profile_step(model, first_batch(train_set, args.batch_size, tokenizer), autocast,
-                                         options.profile_dir, name)
+    if profiler:
+        result["profile"] = profiler.summary
     return result
 
 
@@ -264,20 +272,44 @@ def first_batch(train_set, size: int, tokenizer) -> dict:
             for key, value in batch.items()}
 
 
-def profile_step(model, batch: dict, autocast: dict, out_dir: str, name: str) -> str:
-    """One training step under torch.profiler: the top CUDA kernels by time, written as a table."""
-    from torch.profiler import ProfilerActivity, profile
+class StepProfiler:
+    """torch.profiler over one whole Trainer step (forward, backward, the optimizer), the last warm-up one so that the
+    profiler's overhead stays out of the rates: a table of the top CUDA kernels, and the GPU's busy time beside the
+    step's, so the step's idle share shows too."""
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        with torch.autocast(**autocast):
-            model(**batch).loss.backward()
-        torch.cuda.synchronize()
-    model.zero_grad(set_to_none=True)
-    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-    path = os.path.join(out_dir, f"profile-{name}.txt")
-    with open(path, "w") as f:
-        f.write(table)
-    return path
+    def __init__(self, step: int, path: str):
+        from transformers import TrainerCallback
+
+        profiler = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    torch.cuda.synchronize()
+                    profiler.active = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    profiler.active.__enter__()
+                    profiler.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if profiler.active is not None:
+                    torch.cuda.synchronize()
+                    profiler.finish(time.perf_counter() - profiler.started)
+
+        self.path, self.active, self.summary, self.callback = path, None, {}, Callback()
+
+    def finish(self, seconds: float) -> None:
+        from torch.autograd import DeviceType
+
+        self.active.__exit__(None, None, None)
+        kernels = [e for e in self.active.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        table = self.active.key_averages().table(sort_by="cuda_time_total", row_limit=50, max_name_column_width=70)
+        with open(self.path, "w") as f:
+            f.write(f"one Trainer step under the profiler: {seconds * 1e3:.1f} ms, GPU kernels {busy:.1f} ms\n{table}")
+        self.summary = {"path": self.path, "profiled_step_ms": seconds * 1e3, "kernel_ms": busy}
+        self.active = None
 
 
 def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> dict:
@@ -376,11 +408,14 @@ if __name__ == "__main__":
     parser.add_argument("--verify_flops", action="store_true",
                         help="time each recipe's steps with CUDA events too, and count joined recipes' FLOPs with "
                              "FlopCounterMode: independent checks of the callback's TFLOP/s")
-    parser.add_argument("--profile", default="", help="recipes to profile one step of (comma-separated)")
+    parser.add_argument("--profile", default="",
+                        help="recipes to profile the last warm-up step of (comma-separated; needs --warmup 1 or more)")
     parser.add_argument("--profile_dir", default=".", help="where the profile tables go")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     check_run_arguments(parser, options)
+    if options.profile and options.warmup < 1:
+        parser.error("--profile profiles the last warm-up step: give --warmup 1 or more")
     if options.one:
         if options.one not in options.profile.split(","):
             options.profile_dir = ""

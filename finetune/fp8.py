@@ -60,32 +60,37 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
     return (_transposed_compiled if weight.is_cuda and not torch.compiler.is_compiling() else _transposed)(weight)
 
 
-class _FrozenFloat8Matmul(torch.autograd.Function):
-    """y = x W^T + b with W frozen in FP8. Backward: dx = dy W only.
+def forward_rows(rows, weight, weight_scale, bias=None):
+    """rows W^T + b, W frozen in FP8 as Float8Linear stores it: (out, in) e4m3 with a scale per output row, so that
+    W = diag(s) Wq. The rows and Wq^T are both contiguous along `in`, the layout FP8 tensor cores need."""
+    values, scales = quantize_rows(rows)
+    return torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias,
+                            out_dtype=rows.dtype)
 
-    W is stored as (out, in) e4m3 with a scale per output row s, so W = diag(s) Wq. Forward: x and Wq^T are both
-    contiguous along `in`, the layout FP8 tensor cores need. Backward: dx = dy diag(s) Wq, so s folds into dy's
-    columns before dy is quantized by rows, and Wq is transposed for that GEMM (a copy per layer and step, instead
-    of a second stored copy of the base)."""
+
+def input_grad_rows(grad_rows, weight, weight_scale):
+    """The input gradient of forward_rows, dy W = dy diag(s) Wq: s folds into dy's columns before dy is quantized by
+    rows, and Wq is transposed for this GEMM (a copy per layer and step, instead of a second stored copy of the
+    base)."""
+    values, scales = quantize_rows(grad_rows, column_scale=weight_scale.view(1, -1))
+    # (in, out): contiguous along `out`, the dimension the input gradient sums over
+    return torch._scaled_mm(values, transposed(weight).t(), scale_a=scales,
+                            scale_b=torch.ones(1, weight.shape[1], device=weight.device), out_dtype=grad_rows.dtype)
+
+
+class _FrozenFloat8Matmul(torch.autograd.Function):
+    """y = x W^T + b with W frozen in FP8. The backward is the input gradient only, and the forward saves no
+    activation for it."""
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias):
         ctx.save_for_backward(weight, weight_scale)
-        rows = x.reshape(-1, x.shape[-1])
-        values, scales = quantize_rows(rows)
-        out = torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias,
-                               out_dtype=x.dtype)
-        return out.view(*x.shape[:-1], -1)
+        return forward_rows(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        values, scales = quantize_rows(rows, column_scale=weight_scale.view(1, -1))
-        # (in, out): contiguous along `out`, the dimension the input gradient sums over
-        grad_in = torch._scaled_mm(values, transposed(weight).t(), scale_a=scales,
-                                   scale_b=torch.ones(1, weight.shape[1], device=weight.device),
-                                   out_dtype=grad_out.dtype)
+        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
         return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
 
 
@@ -114,7 +119,11 @@ def matmul(x, weight, weight_scale, bias=None):
 
 def dequantized_weight(module) -> torch.Tensor:
     """A frozen linear layer's weight in its compute dtype: nn.Linear as it is, bitsandbytes' 4-bit layer unpacked."""
-    weight = module.weight
+    return dequantized(module.weight)
+
+
+def dequantized(weight) -> torch.Tensor:
+    """A frozen weight in 16 bits: a 16-bit one as it is, bitsandbytes' 4-bit one unpacked."""
     if hasattr(weight, "quant_state"):  # bitsandbytes Params4bit
         import bitsandbytes
 

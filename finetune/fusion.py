@@ -4,6 +4,12 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
 - `fuse_lora`: peft computes a LoRA layer as base(x) + B(A(x)) * scale: the B matmul, the scaling and the add are
   three kernels, two of them full passes over the layer's output. Here B, its scale and the add are one GEMM
   (`torch.addmm`, whose epilogue adds the base output), the scale folded into B's small (out x r) weight.
+- `fuse_lora` over an FP8, 16-bit or 4-bit base also computes the whole layer in one autograd function whose backward
+  adds LoRA's input gradient into the base's in place (in the GEMM's epilogue) instead of as a third tensor that
+  autograd sums. With `recompute_gelu`, where the layer is an MLP's down projection after a tanh GELU (StarCoder,
+  StarCoder2), the GELU moves inside it, so that only its input is kept for the backward and its output, LoRA's
+  input, is recomputed there instead of held: 24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048,
+  for a second GELU pass (about 1.5% of an FP8 step). finetune/memory.py turns it on where a run needs the memory.
 - `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
   base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
   own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
@@ -14,15 +20,19 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   quantization, LoRA's adds) fuses into fewer kernels. GPUs only; the first steps pay the compilation.
 """
 
+import functools
 import types
 
 import torch
+from transformers.activations import ACT2CLS
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import fp8
 
 # Projections of one block that read the same input: StarCoder2's, Llama's and Qwen2's attention, and the gated MLP.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# An MLP's activation and the down projection it feeds: StarCoder's and StarCoder2's (c_fc, act, c_proj).
+ACTIVATION_THEN_DOWN = ("act", "c_proj")
 
 
 def _plain_adapter(layer, x, args, kwargs) -> str | None:
@@ -35,10 +45,91 @@ def _plain_adapter(layer, x, args, kwargs) -> str | None:
     return name if plain and layer.lora_A[name].weight.dtype == x.dtype else None
 
 
+_gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+
+
+def _is_tanh_gelu(module) -> bool:
+    """transformers' `gelu_pytorch_tanh` (StarCoder's and StarCoder2's activation) in its torch-kernel form."""
+    return (isinstance(module, ACT2CLS["gelu_pytorch_tanh"])
+            and getattr(getattr(module, "act", None), "keywords", None) == {"approximate": "tanh"})
+
+
+def _base_forward(rows, weight, weight_scale, bias):
+    if weight_scale is not None:
+        return fp8.forward_rows(rows, weight, weight_scale, bias)
+    return torch.nn.functional.linear(rows, fp8.dequantized(weight), None if bias is None else bias.to(rows.dtype))
+
+
+def _base_input_grad(grad_rows, weight, weight_scale):
+    if weight_scale is not None:
+        return fp8.input_grad_rows(grad_rows, weight, weight_scale)
+    return grad_rows @ fp8.dequantized(weight)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit), LoRA's
+    B already scaled, act the identity or tanh GELU (`gelu`), whose output is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool):
+        rows = x.reshape(-1, x.shape[-1])
+        inputs = _gelu(rows) if gelu else rows
+        down = inputs @ lora_a.t()
+        out = _base_forward(inputs, weight, weight_scale, bias).addmm_(down, lora_b.t())
+        ctx.gelu = gelu
+        ctx.save_for_backward(rows, down, lora_a, lora_b, weight, weight_scale)
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, down, lora_a, lora_b, weight, weight_scale = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_down = grad @ lora_b
+        grad_a = grad_down.t() @ (_gelu(rows) if ctx.gelu else rows)
+        grad_b = grad.t() @ down
+        grad_in = None
+        if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
+            grad_in = _base_input_grad(grad, weight, weight_scale).addmm_(grad_down, lora_a)
+            if ctx.gelu:
+                grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
+            grad_in = grad_in.view(*grad_out.shape[:-1], -1)
+        return grad_in, grad_a, grad_b, None, None, None, None
+
+
+def _frozen_base(layer, x):
+    """(weight, weight scale or None, bias) of a LoRA layer's base where _LoraLinear can compute it on `x`: an FP8,
+    16-bit or bitsandbytes 4-bit base in x's dtype, outside autocast (whose casts its backward would not repeat);
+    None otherwise."""
+    base = layer.base_layer
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    if isinstance(base, fp8.Float8Linear):
+        return base.weight, base.weight_scale, base.bias
+    weight = base.weight
+    dtype = weight.quant_state.dtype if hasattr(weight, "quant_state") else weight.dtype
+    kind = type(base).__name__
+    return (weight, None, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
+
+
+def can_recompute_gelu(args) -> bool:
+    """Whether a run's adapted layers take _LoraLinear's path, where a down projection after a tanh GELU can recompute
+    the GELU's output (what _frozen_base and _fused_lora_forward check, in the run's settings: the memory estimate's
+    question before the model loads)."""
+    return (args.fuse_lora and args.lora_dropout == 0 and args.quantization != "8bit"
+            and not (args.mixed_precision or args.fp32_adapter or args.fp32_upcast))
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
-    """peft's lora.Linear forward with B, its scale and the add in one addmm; any case but the plain one is peft's
-    own."""
+    """peft's lora.Linear forward as one _LoraLinear where it applies, else with B, its scale and the add in one
+    addmm; any case but the plain one is peft's own. A down projection whose GELU moved here applies it first."""
+    gelu = getattr(self, "_gelu_input", False)
     name = _plain_adapter(self, x, args, kwargs)
+    base = _frozen_base(self, x) if name is not None else None
+    if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
+        up = self.lora_B[name].weight * self.scaling[name]
+        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu)
+    if gelu:
+        x = _gelu(x)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
@@ -68,7 +159,7 @@ class _Siblings:
 
     def usable(self, x, args, kwargs) -> bool:
         names = {_plain_adapter(layer, x, args, kwargs) for layer in self.layers}
-        return None not in names and len(names) == 1 and all(
+        return not torch.is_autocast_enabled(x.device.type) and None not in names and len(names) == 1 and all(
             isinstance(layer.lora_dropout[next(iter(names))], torch.nn.Identity) for layer in self.layers)
 
     def output(self, index: int, x):
@@ -82,11 +173,9 @@ class _Siblings:
 
     def _compute(self, x):
         name = self.layers[0].active_adapters[0]
-        rows = x.reshape(-1, x.shape[-1])
-        base = fp8.matmul(rows, self.weight, self.scale, self.bias)
-        down = rows @ torch.cat([layer.lora_A[name].weight for layer in self.layers]).t()
+        down = torch.cat([layer.lora_A[name].weight for layer in self.layers])
         up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        out = torch.addmm(base, down, up.t().to(base.dtype)).view(*x.shape[:-1], -1)
+        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False)
         # A slice that attention saves for the backward (v) would keep the whole output alive: the small ones are
         # copied out (k and v are 7% each of StarCoder2-15B's q/k/v width).
         return [part if 4 * size >= out.shape[-1] else part.contiguous()
@@ -99,10 +188,11 @@ def _sibling_forward(self, x, *args, **kwargs):
     return _fused_lora_forward(self, x, *args, **kwargs)
 
 
-def fuse_lora(model) -> int:
-    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward, and
-    sibling layers over FP8 bases their shared one; returns how many layers were fused. Call it once the model is on
-    its device (a sibling's weight is a view of the shared one)."""
+def fuse_lora(model, recompute_gelu: bool = False) -> int:
+    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (with
+    `recompute_gelu`, a down projection adapted after a tanh GELU the GELU too), and sibling layers over FP8 bases
+    their shared forward; returns how many layers were fused. Call it once the model is on its device (a sibling's weight is a view of the
+    shared one)."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0
@@ -110,6 +200,11 @@ def fuse_lora(model) -> int:
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
             module.forward = types.MethodType(_fused_lora_forward, module)
             fused += 1
+    for module in list(model.modules()) if recompute_gelu else ():
+        activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
+        if _is_tanh_gelu(activation) and getattr(down, "forward", None).__func__ is _fused_lora_forward:
+            down._gelu_input = True  # its forward applies the GELU, on every path
+            setattr(module, ACTIVATION_THEN_DOWN[0], torch.nn.Identity())
     for module in list(model.modules()):
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]

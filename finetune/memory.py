@@ -9,7 +9,8 @@ The estimate (GiB, and what is in it):
 - LoRA: weights, gradients and AdamW's two fp32 moments;
 - activations kept for the backward, per token and layer: about 6 x hidden values of 2 bytes (layer-norm inputs
   and outputs, q/k/v, the attention output), the MLP's pre-activation (gate and up with a gated MLP), and its
-  post-activation too where LoRA adapts the down projection, which needs its input (calibrated on StarCoder-15B,
+  post-activation too where LoRA adapts the down projection, which needs its input, unless the fused path recomputes
+  it (a tanh GELU, finetune/fusion.py) (calibrated on StarCoder-15B,
   LoRA on c_attn and c_proj, and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200: docs/PERFORMANCE.md);
   with activation checkpointing each layer keeps only its input, and one layer's activations are rebuilt at a time;
   with --fp32_upcast they are fp32;
@@ -25,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from . import fusion
 from .errors import UsageError
 
 GIB = 2**30
@@ -45,6 +47,7 @@ class Shape:
     hidden: int
     mlp: int  # the MLP's inner width, doubled for a gated MLP (gate and up projections)
     mlp_kept: int  # the MLP activation values kept per token: its pre-activations, and the post-activation if adapted
+    mlp_recomputable: int  # of those, what the fused path can recompute instead (fusion.can_recompute_gelu)
     vocab: int
 
 
@@ -65,22 +68,26 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
     projections = [names[m] for m in mlp.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
     widened = inner * (len(projections) - 1)  # c_fc; or gate and up
+    post = inner * (projections[-1] in lora_targets)
+    activation, down = (getattr(mlp, name, None) for name in fusion.ACTIVATION_THEN_DOWN)
+    recomputable = post if fusion._is_tanh_gelu(activation) and names.get(down) in lora_targets else 0
     return Shape(linear=linear, head=head.weight.numel(), tied=tied,
                  other=total - linear - (0 if tied else head.weight.numel()), lora=lora,
-                 layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=widened,
-                 mlp_kept=widened + inner * (projections[-1] in lora_targets), vocab=config.vocab_size)
+                 layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=widened, mlp_kept=widened + post,
+                 mlp_recomputable=recomputable, vocab=config.vocab_size)
 
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointing: bool,
-             fp32_upcast: bool = False, chunked_loss: bool = True) -> dict[str, float]:
-    """GiB by component, and `total`: the peak of a training step."""
+             fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False) -> dict[str, float]:
+    """GiB by component, and `total`: the peak of a training step (`recompute_gelu`: fusion.fuse_lora's)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
     weights = shape.linear * WEIGHT_BYTES[quantization] + shape.head * head_bytes + shape.other * compute
     tokens = batch_size * seq_length
     # bytes per token; with fp32 norms (--fp32_upcast) the residual stream and what it feeds are fp32
-    per_layer = compute * (HIDDEN_VALUES * shape.hidden + shape.mlp_kept)
+    kept = shape.mlp_kept - (shape.mlp_recomputable if recompute_gelu else 0)
+    per_layer = compute * (HIDDEN_VALUES * shape.hidden + kept)
     if checkpointing:
         activations = tokens * (shape.layers * compute * shape.hidden + per_layer)
     else:
@@ -103,6 +110,18 @@ def device_gib() -> float | None:
     return torch.cuda.get_device_properties(gpu).total_memory / GIB * fraction
 
 
+def gelu_recompute_needed(args, config, lora_targets: list[str], chunked_loss: bool = True) -> bool:
+    """Recompute the MLP's GELU in the backward (fusion.fuse_lora) only where the run would not fit the GPU without
+    it: it costs about 1.5% of an FP8 step (docs/PERFORMANCE.md), and on an 80 GB card it fits a bf16 base at
+    4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B."""
+    available = device_gib()
+    if available is None or not fusion.can_recompute_gelu(args):
+        return False
+    kept = estimate(shape_of(config, args.lora_r, lora_targets), args.quantization, args.batch_size, args.seq_length,
+                    args.gradient_checkpointing, args.fp32_upcast, chunked_loss)
+    return kept["total"] > available
+
+
 def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> dict | None:
     """Refuse, before anything loads, a run whose estimate exceeds the GPU's memory, naming the changes that would
     fit. Returns the estimate (None on the CPU, or with --check_memory false)."""
@@ -111,7 +130,8 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
         return None
     shape = shape_of(config, args.lora_r, lora_targets)
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
-                    checkpointing=args.gradient_checkpointing, fp32_upcast=args.fp32_upcast)
+                    checkpointing=args.gradient_checkpointing, fp32_upcast=args.fp32_upcast,
+                    recompute_gelu=fusion.can_recompute_gelu(args))
     needed = estimate(shape, **settings, chunked_loss=chunked_loss)
     if needed["total"] <= available:
         return needed

@@ -108,7 +108,8 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
         model.to(modeling.device())  # the rest: embeddings, norms, LoRA
     if args.fuse_lora:
-        fusion.fuse_lora(model)
+        fusion.fuse_lora(model, memory.gelu_recompute_needed(args, model.config, lora.target_modules,
+                                                             chunked_loss=not modeling.fsdp_enabled()))
     if args.compile_layers:
         fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the

@@ -2,6 +2,7 @@
 sliding window), a Llama-architecture and a Qwen2 code model, each through every script on its embedded tiny model;
 full-length context and the memory check."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -199,6 +200,27 @@ def test_the_memory_estimate_names_what_would_fit(monkeypatch):
     assert memory.check(checkpointed, config, targets)["total"] < 40
     short = TrainArguments(model="tiny-starcoder2", batch_size=4, seq_length=2048, packing=True)
     assert memory.check(short, config, targets)["total"] < 79.6
+
+
+def test_the_gelu_is_recomputed_only_where_a_run_needs_the_memory(monkeypatch):
+    """On an 80 GB card StarCoder-15B with a bf16 base at 4 x 2,048 fits only with the MLP's GELU recomputed (its
+    output, the adapted c_proj's input, not kept: 15 GiB); FP8 at 4 x 2,048 fits without, and keeps the faster step;
+    StarCoder2's down projection is not adapted by default, so it has nothing to recompute; nor does the CPU."""
+    monkeypatch.setattr(memory, "device_gib", lambda: 79.6)
+    starcoder, starcoder2 = (architecture.config(family, "15b") for family in ("gpt_bigcode", "starcoder2"))
+    bf16 = TrainArguments(model="tiny-starcoder", quantization="none", batch_size=4, seq_length=2048, packing=True)
+    needed = memory.gelu_recompute_needed(bf16, starcoder, modeling.lora_targets(starcoder, None))
+    assert needed and memory.check(bf16, starcoder, modeling.lora_targets(starcoder, None))["total"] < 79.6
+    classic = dataclasses.replace(bf16, recipe="qlora", **cli.RECIPES["qlora"])  # autocast: peft's path, no recompute
+    assert not memory.gelu_recompute_needed(classic, starcoder, modeling.lora_targets(starcoder, None))
+    fp8_run = dataclasses.replace(bf16, quantization="fp8")
+    assert not memory.gelu_recompute_needed(fp8_run, starcoder, modeling.lora_targets(starcoder, None))
+    six = dataclasses.replace(fp8_run, batch_size=6)
+    assert memory.gelu_recompute_needed(six, starcoder, modeling.lora_targets(starcoder, None))
+    assert not memory.gelu_recompute_needed(dataclasses.replace(six, model="tiny-starcoder2"), starcoder2,
+                                            modeling.lora_targets(starcoder2, None))
+    monkeypatch.setattr(memory, "device_gib", lambda: None)
+    assert not memory.gelu_recompute_needed(bf16, starcoder, modeling.lora_targets(starcoder, None))
 
 
 def test_the_24_gb_recipe_fits_starcoder_15b_with_room_to_spare():

@@ -8,9 +8,9 @@ from finetune import fp8, fusion, modeling
 from test_fp8 import needs_scaled_mm
 
 
-def lora_model(name: str, targets: str, dtype=torch.float32, base_in_fp8=False):
+def lora_model(name: str, targets: str, dtype=torch.float32, base_in_fp8=False, quantization=None):
     torch.manual_seed(0)
-    model = modeling.add_lora(modeling.load_model(name, None, dtype),
+    model = modeling.add_lora(modeling.load_model(name, quantization, dtype),
                               modeling.lora_config(r=4, alpha=8, dropout=0.0, targets=targets))
     for n, p in model.named_parameters():  # B starts at zero: give the adapter something to add
         if "lora_B" in n:
@@ -31,17 +31,88 @@ def relative_error(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("recompute_gelu", [False, True])
 @pytest.mark.parametrize("name,targets,layers", [("tiny-starcoder", "c_attn,c_proj", 3 * 4),  # c_proj twice a block
                                                  ("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj", 4 * 4)])
-def test_fused_lora_layers_give_peft_s_loss_and_gradients(name, targets, layers):
+def test_fused_lora_layers_give_peft_s_loss_and_gradients(name, targets, layers, recompute_gelu):
     model = lora_model(name, targets)
     ids = torch.randint(20, 4000, (2, 24))
     unfused = loss_and_grads(model, ids)
-    assert fusion.fuse_lora(model) == layers
+    assert fusion.fuse_lora(model, recompute_gelu) == layers
     fused = loss_and_grads(model, ids)
     assert fused[0] == pytest.approx(unfused[0], rel=1e-6)
     assert fused[1].keys() == unfused[1].keys() and all(
         torch.allclose(fused[1][n], unfused[1][n], rtol=1e-4, atol=1e-6) for n in unfused[1])
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_fused_layers_over_bitsandbytes_bases_give_peft_s_loss_and_gradients(quantization):
+    """4-bit bases take the one-function path (the base unpacked for its input gradient), 8-bit ones the addmm one;
+    both with the MLP's GELU moved into the down projection."""
+    model = lora_model("tiny-starcoder", "c_attn,c_proj", torch.bfloat16,
+                       quantization=modeling.quantization_config(quantization, torch.bfloat16))
+    ids = torch.randint(20, 4000, (2, 24))
+    unfused = loss_and_grads(model, ids)
+    fusion.fuse_lora(model, recompute_gelu=True)
+    fused = loss_and_grads(model, ids)
+    assert fused[0] == pytest.approx(unfused[0], rel=1e-2)  # bf16: the same sums in another order
+    assert fused[1].keys() == unfused[1].keys()
+    assert max(relative_error(fused[1][n], unfused[1][n]) for n in unfused[1]) < 0.02
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the activations autograd keeps from forward to backward (each storage once, the model's own
+    parameters left out)."""
+    storages = {}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def test_an_adapted_down_projection_recomputes_its_gelu_instead_of_keeping_it():
+    model = lora_model("tiny-starcoder", "c_attn,c_proj", torch.bfloat16)
+    ids = torch.randint(20, 4000, (2, 24))
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=ids).logits
+    before = saved_bytes(model, ids)
+    mlp = model.get_base_model().transformer.h[0].mlp
+    fusion.fuse_lora(model)  # by default the GELU stays where it is (finetune/memory.py decides)
+    assert not isinstance(mlp.act, torch.nn.Identity)
+    fusion.fuse_lora(model, recompute_gelu=True)
+    assert isinstance(mlp.act, torch.nn.Identity) and mlp.c_proj._gelu_input
+    config = model.config
+    gelu_outputs = ids.numel() * config.n_inner * config.n_layer * 2  # bf16
+    scaled_b = sum(p.numel() * 2 for n, p in model.named_parameters() if "lora_B" in n)  # B x scale, kept instead
+    assert before - saved_bytes(model, ids) >= gelu_outputs - scaled_b
+    with torch.no_grad(), model.disable_adapter():  # peft's own path applies the moved GELU too
+        assert torch.equal(model(input_ids=ids).logits, base_logits)
+
+
+def test_autocast_and_dropout_take_peft_s_path_with_the_same_result(monkeypatch):
+    """Under autocast (the classic recipe) the one-function path would not repeat autocast's casts in its backward,
+    and with dropout LoRA's input differs from the base's: both keep peft's path, GELU and all."""
+    monkeypatch.setattr(fusion._LoraLinear, "apply", lambda *args: pytest.fail("the one-function path ran"))
+    ids = torch.randint(20, 4000, (2, 24))
+    for settings in (dict(dropout=0.0, autocast=True), dict(dropout=0.1, autocast=False)):
+        torch.manual_seed(0)
+        model = modeling.add_lora(modeling.load_model("tiny-starcoder", None, torch.float32),
+                                  modeling.lora_config(r=4, alpha=8, dropout=settings["dropout"],
+                                                       targets="c_attn,c_proj"))
+        model.eval()  # dropout off, so both runs compute the same
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["autocast"]):
+            unfused = loss_and_grads(model, ids)
+            fusion.fuse_lora(model, recompute_gelu=True)
+            fused = loss_and_grads(model, ids)
+        assert fused[0] == pytest.approx(unfused[0], rel=1e-6)
+        assert all(torch.allclose(fused[1][n], unfused[1][n], rtol=1e-4, atol=1e-6) for n in unfused[1])
 
 
 @needs_scaled_mm
@@ -53,13 +124,13 @@ def test_siblings_over_an_fp8_base_share_one_computation_with_the_same_result(na
     reference = loss_and_grads(lora_model(name, targets, torch.bfloat16), ids)  # no FP8 anywhere
     unfused = loss_and_grads(model, ids)
     calls = []
-    original = fp8.matmul
+    original = fp8.forward_rows
     fusion.fuse_lora(model)
-    fusion.fp8.matmul = lambda x, weight, *rest: calls.append(weight.shape[0]) or original(x, weight, *rest)
+    fp8.forward_rows = lambda x, weight, *rest: calls.append(weight.shape[0]) or original(x, weight, *rest)
     try:
         fused = loss_and_grads(model, ids)
     finally:
-        fusion.fp8.matmul = original
+        fp8.forward_rows = original
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     query, key_value = config.hidden_size, config.num_key_value_heads * head_dim
