@@ -180,9 +180,10 @@ class TrainArguments:
         "help": "Run under autocast. Off: a bf16 model computes in bf16 throughout, with no casts around "
                 "bitsandbytes layers (fp16 always uses autocast with a loss scaler)."})
     fuse_lora: bool = field(default=True, metadata={
-        "help": "LoRA's up-projection, scale and add as one GEMM, and projections that read the same input (q/k/v, "
-                "gate/up) over an FP8 base as one (finetune/fusion.py): the same sums in fewer passes (+0.6%% FP8, "
-                "+1.9%% NF4 on StarCoder-15B, docs/PERFORMANCE.md)."})
+        "help": "Each LoRA layer as one computation with its base, and projections that read the same input "
+                "(q/k/v, gate/up) over an FP8 base as one (finetune/fusion.py): the same sums in fewer passes; "
+                "where a run would not fit otherwise, the MLP's GELU is recomputed in the backward instead of kept "
+                "(15 GiB less for StarCoder-15B at 4 x 2048; docs/PERFORMANCE.md)."})
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (GPUs only), fusing the elementwise work around the GEMMs; the "
                 "first steps pay the compilation."})
