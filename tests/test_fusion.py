@@ -184,3 +184,23 @@ def test_siblings_compile_inside_a_decoder_layer_without_a_graph_break():
     assert not torch._dynamo.utils.counters["graph_break"]
     assert compiled[0] == eager[0]
     assert all(torch.equal(compiled[1][n], eager[1][n]) for n in eager[1])
+
+
+def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypatch):
+    """The training pipeline asks finetune/memory.py: with a GPU that holds the run only without the GELU's output,
+    the down projections recompute it, and the run trains."""
+    from conftest import tiny_args
+    from finetune import memory, pipeline, training
+
+    args = tiny_args(tmp_path, max_train_steps=2, eval_steps=2)
+    shape = memory.shape_of(modeling.check_model(args.model, args.seq_length, None), args.lora_r, ["c_attn", "c_proj"])
+    keep, recompute = (memory.estimate(shape, args.quantization, args.batch_size, args.seq_length, False,
+                                       recompute_gelu=choice)["total"] for choice in (False, True))
+    monkeypatch.setattr(memory, "device_gib", lambda: (keep + recompute) / 2)
+    run = pipeline.prepare(args)
+    mlp = run.model.get_base_model().transformer.h[0].mlp
+    assert isinstance(mlp.act, torch.nn.Identity) and mlp.c_proj._gelu_input
+    trainer = training.build_trainer(args, run)
+    training.train(trainer, args, run)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
