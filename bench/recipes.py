@@ -233,6 +233,21 @@ def run_one(name: str, options) -> dict:
     return result
 
 
+def bitsandbytes_flop_formulas(quantization: str) -> dict:
+    """bitsandbytes' matmuls are custom ops that FlopCounterMode has no formula for: 2 x tokens x in x out. The 4-bit
+    one; LLM.int8's forward, with outlier columns (threshold 6, the default) or without (its backward, the input
+    gradient, is an ordinary matmul that FlopCounterMode counts)."""
+    import bitsandbytes  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.bitsandbytes
+    if quantization == "4bit":
+        return {ops.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) * out_shape[-1]}
+    if quantization == "8bit":
+        return {ops.int8_mixed_scaled_mm: lambda a, ca, cb, *_, **__: 2 * math.prod(a) * cb[0],
+                ops.int8_scaled_mm: lambda a, b, *_, **__: 2 * math.prod(a) * b[0]}
+    return {}
+
+
 def flop_counter_per_token(model, args, train_set, tokenizer, autocast: dict) -> float:
     """One sequence's model FLOPs per token by torch's FlopCounterMode: an independent count of ours."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -241,10 +256,7 @@ def flop_counter_per_token(model, args, train_set, tokenizer, autocast: dict) ->
 
     # One sequence: eager attention keeps every score matrix, which at full batch does not fit.
     batch = first_batch(train_set, 1, tokenizer)
-    # bitsandbytes' 4-bit matmul is a custom op that FlopCounterMode has no formula for: 2 x tokens x in x out.
-    gemm_4bit = {torch.ops.bitsandbytes.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) *
-                 out_shape[-1]} if args.quantization == "4bit" else {}
-    counter = FlopCounterMode(display=False, custom_mapping=gemm_4bit)
+    counter = FlopCounterMode(display=False, custom_mapping=bitsandbytes_flop_formulas(args.quantization))
     # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11). The
     # backward runs on this thread, not the autograd engine's device thread, so the counter sees it too.
     inner = model.get_base_model()

@@ -103,6 +103,28 @@ def test_4bit_layers_count_like_the_linear_layers_they_replace():
     assert flops_per_token(quantized, SEQ).model == flops_per_token(plain, SEQ).model
 
 
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_the_bench_s_formulas_let_flop_counter_mode_count_bitsandbytes_layers(quantization):
+    """bench/recipes.py --verify_flops counts a quantized base's custom matmul ops with its own formulas: with them,
+    FlopCounterMode counts a 4-bit or LLM.int8 model as it counts the same model in bf16 (on 2026-12-06 the 8-bit
+    tutorial recipe's count missed every forward matmul)."""
+    from bench.recipes import bitsandbytes_flop_formulas
+    from finetune import modeling
+
+    def counted(kind: str) -> float:
+        model = modeling.load_model("tiny-starcoder", modeling.quantization_config(kind, torch.float32),
+                                    torch.float32)
+        model = modeling.add_lora(model, modeling.lora_config(4, 8, 0.0, "c_attn,c_proj"), True)
+        model.get_base_model().set_attn_implementation("eager")
+        counter = FlopCounterMode(display=False, custom_mapping=bitsandbytes_flop_formulas(kind))
+        ids = torch.randint(20, 4000, (1, 32))
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return counter.get_total_flops()
+
+    assert counted(quantization) == counted("none")
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
