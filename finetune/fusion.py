@@ -6,10 +6,11 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   (`torch.addmm`, whose epilogue adds the base output), the scale folded into B's small (out x r) weight.
 - `fuse_lora` over an FP8, 16-bit or 4-bit base also computes the whole layer in one autograd function whose backward
   adds LoRA's input gradient into the base's in place (in the GEMM's epilogue) instead of as a third tensor that
-  autograd sums. With `recompute_gelu`, where the layer is an MLP's down projection after a tanh GELU (StarCoder,
-  StarCoder2), the GELU moves inside it, so that only its input is kept for the backward and its output, LoRA's
-  input, is recomputed there instead of held: 24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048,
-  for a second GELU pass (about 1.5% of an FP8 step). finetune/memory.py turns it on where a run needs the memory.
+  autograd sums (no faster as measured: the epilogue still reads and writes the gradient). With `recompute_gelu`,
+  where the layer is an MLP's down projection after a tanh GELU (StarCoder, StarCoder2), the GELU moves inside it,
+  so that only its input is kept for the backward and its output, LoRA's input, is recomputed there instead of
+  held: 24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048, for a second GELU pass (1.1% of an
+  FP8 step). finetune/memory.py turns it on where a run needs the memory.
 - `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
   base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
   own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
@@ -191,8 +192,8 @@ def _sibling_forward(self, x, *args, **kwargs):
 def fuse_lora(model, recompute_gelu: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (with
     `recompute_gelu`, a down projection adapted after a tanh GELU the GELU too), and sibling layers over FP8 bases
-    their shared forward; returns how many layers were fused. Call it once the model is on its device (a sibling's weight is a view of the
-    shared one)."""
+    their shared forward; returns how many layers were fused. Call it once the model is on its device (a sibling's
+    weight is a view of the shared one)."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0

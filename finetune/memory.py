@@ -112,8 +112,8 @@ def device_gib() -> float | None:
 
 def gelu_recompute_needed(args, config, lora_targets: list[str], chunked_loss: bool = True) -> bool:
     """Recompute the MLP's GELU in the backward (fusion.fuse_lora) only where the run would not fit the GPU without
-    it: it costs about 1.5% of an FP8 step (docs/PERFORMANCE.md), and on an 80 GB card it fits a bf16 base at
-    4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B."""
+    it: it costs 1.1% of an FP8 step (docs/PERFORMANCE.md, H100, 2026-12-06), and on an 80 GB card it fits a bf16
+    base at 4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B."""
     available = device_gib()
     if available is None or not fusion.can_recompute_gelu(args):
         return False
