@@ -167,13 +167,16 @@ def test_siblings_store_nothing_twice_and_each_layer_still_works_alone():
 
 
 @needs_scaled_mm
-def test_siblings_compile_inside_a_decoder_layer_without_a_graph_break():
-    """--compile_layers compiles each decoder layer around the siblings' shared computation: it traces whole (the
-    aot_eager backend stands in for the GPU's inductor) and computes the same."""
+@pytest.mark.parametrize("name,targets", [("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj"),
+                                          ("tiny-starcoder", "c_attn,c_proj")])
+def test_fused_layers_compile_inside_a_decoder_layer_without_a_graph_break(name, targets):
+    """--compile_layers compiles each decoder layer around the fused computations (the siblings' shared one; the down
+    projection with its recomputed GELU): it traces whole (the aot_eager backend stands in for the GPU's inductor)
+    and computes the same."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model = lora_model("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj", torch.bfloat16, base_in_fp8=True)
-    fusion.fuse_lora(model)
+    model = lora_model(name, targets, torch.bfloat16, base_in_fp8=True)
+    fusion.fuse_lora(model, recompute_gelu=True)
     ids = torch.randint(20, 4000, (2, 24))
     eager = loss_and_grads(model, ids)
     torch._dynamo.reset()
