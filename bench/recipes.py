@@ -50,7 +50,7 @@ RECIPES = {
     "fast": cli.RECIPES["fast"],
     "fast_joined": dict(cli.RECIPES["fast"], packed_attention="joined"),
     "fast_b8": dict(cli.RECIPES["fast"], batch_size=8),
-    "fast_bf16_base": dict(cli.RECIPES["fast"], quantization="none"),
+    "bf16": cli.RECIPES["bf16"],
     "fast_bf16_base_b3": dict(cli.RECIPES["fast"], quantization="none", batch_size=3),
     "fast_fp32_adapter": dict(cli.RECIPES["fast"], fp32_adapter=True),
     "fast_autocast": dict(cli.RECIPES["fast"], mixed_precision=True),

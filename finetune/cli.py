@@ -160,9 +160,10 @@ class TrainArguments:
     eval_steps: int = field(default=20, metadata={"help": "Evaluate (and checkpoint) every this many steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the loss and throughput every this many steps."})
     # Speed
-    recipe: Literal["fast", "fp8", "long", "fp8_lean", "lean", "qlora", "tutorial"] | None = field(
+    recipe: Literal["fast", "fp8", "bf16", "long", "fp8_lean", "lean", "qlora", "tutorial"] | None = field(
         default=None, metadata={
         "help": "Preset flags (explicit flags still win): fast = packed 4 x 2048; fp8 = fast with the base in FP8; "
+                "bf16 = fast with the base unquantized in bf16 (80 GB cards without FP8: A100); "
                 "long = whole files at StarCoder's full 8,192 tokens, 1 per batch, FP8 base (StarCoder2's 16,384: "
                 "add --seq_length 16384 --gradient_checkpointing); fp8_lean = FP8 base, packed 2 x 2048 with "
                 "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 1 x 2048 "
@@ -312,6 +313,8 @@ _CLASSIC = dict(fp32_upcast=True, fp32_adapter=True, mixed_precision=True, lora_
 RECIPES = {
     "fast": dict(batch_size=4, seq_length=2048, packing=True),
     "fp8": dict(quantization="fp8", batch_size=4, seq_length=2048, packing=True),
+    # 80 GB without FP8 (A100): no dequantization; fits 4 x 2048 with the GELU recomputed (finetune/memory.py)
+    "bf16": dict(quantization="none", batch_size=4, seq_length=2048, packing=True),
     "long": dict(quantization="fp8", batch_size=1, seq_length=8192, packing=True),
     # 24 GB: the FP8 base (15.1 GiB for StarCoder-15B) leaves room for 2 x 2048 with checkpointing (finetune/memory.py)
     "fp8_lean": dict(quantization="fp8", batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True),

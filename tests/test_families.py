@@ -203,12 +203,13 @@ def test_the_memory_estimate_names_what_would_fit(monkeypatch):
 
 
 def test_the_gelu_is_recomputed_only_where_a_run_needs_the_memory(monkeypatch):
-    """On an 80 GB card StarCoder-15B with a bf16 base at 4 x 2,048 fits only with the MLP's GELU recomputed (its
-    output, the adapted c_proj's input, not kept: 15 GiB); FP8 at 4 x 2,048 fits without, and keeps the faster step;
-    StarCoder2's down projection is not adapted by default, so it has nothing to recompute; nor does the CPU."""
+    """On an 80 GB card StarCoder-15B with a bf16 base at 4 x 2,048 (--recipe bf16) fits only with the MLP's GELU
+    recomputed (its output, the adapted c_proj's input, not kept: 15 GiB); FP8 at 4 x 2,048 fits without, and keeps
+    the faster step; StarCoder2's down projection is not adapted by default, so it has nothing to recompute; nor does
+    the CPU."""
     monkeypatch.setattr(memory, "device_gib", lambda: 79.6)
     starcoder, starcoder2 = (architecture.config(family, "15b") for family in ("gpt_bigcode", "starcoder2"))
-    bf16 = TrainArguments(model="tiny-starcoder", quantization="none", batch_size=4, seq_length=2048, packing=True)
+    bf16 = TrainArguments(model="tiny-starcoder", recipe="bf16", **cli.RECIPES["bf16"])
     needed = memory.gelu_recompute_needed(bf16, starcoder, modeling.lora_targets(starcoder, None))
     assert needed and memory.check(bf16, starcoder, modeling.lora_targets(starcoder, None))["total"] < 79.6
     classic = dataclasses.replace(bf16, recipe="qlora", **cli.RECIPES["qlora"])  # autocast: peft's path, no recompute
