@@ -44,14 +44,14 @@ class _Nf4ToFp8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        weight = fp8.dequantized_weight(layer)
+        weight = fp8.dequantized(layer.weight)
         values, scales = fp8.quantize_rows(weight)
         rows, row_scales = fp8.quantize_rows(x)
         return torch._scaled_mm(rows, values.t(), scale_a=row_scales, scale_b=scales.view(1, -1), out_dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        weight_t = fp8.dequantized_weight(ctx.layer).t().contiguous()
+        weight_t = fp8.dequantized(ctx.layer.weight).t().contiguous()
         values, scales = fp8.quantize_rows(weight_t)  # a scale per input feature: rows of W^T
         rows, row_scales = fp8.quantize_rows(grad)
         return torch._scaled_mm(rows, values.t(), scale_a=row_scales, scale_b=scales.view(1, -1),

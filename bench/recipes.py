@@ -60,8 +60,6 @@ RECIPES = {
     "fast_ckpt": dict(cli.RECIPES["fast"], gradient_checkpointing=True),
     "fp8_b8": dict(cli.RECIPES["fp8"], batch_size=8),
     "fp8_b6": dict(cli.RECIPES["fp8"], batch_size=6),
-    "fp8_b6_compiled": dict(cli.RECIPES["fp8"], batch_size=6, compile_layers=True),
-    "fast_b6": dict(cli.RECIPES["fast"], batch_size=6),
     "fp8_unfused": dict(cli.RECIPES["fp8"], fuse_lora=False),
     "fp8_compiled": dict(cli.RECIPES["fp8"], compile_layers=True),
     "fast_unfused": dict(cli.RECIPES["fast"], fuse_lora=False),
@@ -69,7 +67,6 @@ RECIPES = {
     "long_fast": dict(cli.RECIPES["long"], quantization="4bit"),
     "fp8_lean": cli.RECIPES["fp8_lean"],
     "fp8_lean_b3": dict(cli.RECIPES["fp8_lean"], batch_size=3),
-    "fp8_lean_b4": dict(cli.RECIPES["fp8_lean"], batch_size=4),
     "lean": cli.RECIPES["lean"],
     "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
 }

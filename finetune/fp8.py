@@ -108,18 +108,7 @@ class Float8Linear(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return matmul(x, self.weight, self.weight_scale, self.bias)
-
-
-def matmul(x, weight, weight_scale, bias=None):
-    """x W^T + b for a frozen FP8 weight stored as Float8Linear stores it (finetune/fusion.py calls it on the rows of
-    several layers at once)."""
-    return _FrozenFloat8Matmul.apply(x, weight, weight_scale, bias)
-
-
-def dequantized_weight(module) -> torch.Tensor:
-    """A frozen linear layer's weight in its compute dtype: nn.Linear as it is, bitsandbytes' 4-bit layer unpacked."""
-    return dequantized(module.weight)
+        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
 
 
 def dequantized(weight) -> torch.Tensor:
@@ -143,7 +132,7 @@ def convert(model, device: torch.device | None = None, skip=("lora_A", "lora_B")
                     or child.weight.requires_grad):
                 continue
             bias = child.bias if child.bias is not None and not child.bias.requires_grad else None
-            weight = dequantized_weight(child)
+            weight = dequantized(child.weight)
             if device is not None:
                 weight, bias = weight.to(device), None if bias is None else bias.to(device)
             setattr(module, child_name, Float8Linear(weight, bias))

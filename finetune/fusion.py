@@ -49,7 +49,7 @@ def _plain_adapter(layer, x, args, kwargs) -> str | None:
 _gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
 
 
-def _is_tanh_gelu(module) -> bool:
+def is_tanh_gelu(module) -> bool:
     """transformers' `gelu_pytorch_tanh` (StarCoder's and StarCoder2's activation) in its torch-kernel form."""
     return (isinstance(module, ACT2CLS["gelu_pytorch_tanh"])
             and getattr(getattr(module, "act", None), "keywords", None) == {"approximate": "tanh"})
@@ -203,7 +203,7 @@ def fuse_lora(model, recompute_gelu: bool = False) -> int:
             fused += 1
     for module in list(model.modules()) if recompute_gelu else ():
         activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
-        if _is_tanh_gelu(activation) and getattr(down, "forward", None).__func__ is _fused_lora_forward:
+        if is_tanh_gelu(activation) and getattr(down, "forward", None).__func__ is _fused_lora_forward:
             down._gelu_input = True  # its forward applies the GELU, on every path
             setattr(module, ACTIVATION_THEN_DOWN[0], torch.nn.Identity())
     for module in list(model.modules()):

@@ -10,8 +10,8 @@ The estimate (GiB, and what is in it):
 - activations kept for the backward, per token and layer: about 6 x hidden values of 2 bytes (layer-norm inputs
   and outputs, q/k/v, the attention output), the MLP's pre-activation (gate and up with a gated MLP), and its
   post-activation too where LoRA adapts the down projection, which needs its input, unless the fused path recomputes
-  it (a tanh GELU, finetune/fusion.py) (calibrated on StarCoder-15B,
-  LoRA on c_attn and c_proj, and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200: docs/PERFORMANCE.md);
+  that input (a tanh GELU's output, finetune/fusion.py). Calibrated on StarCoder-15B, LoRA on c_attn and c_proj,
+  and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200 (docs/PERFORMANCE.md);
   with activation checkpointing each layer keeps only its input, and one layer's activations are rebuilt at a time;
   with --fp32_upcast they are fp32;
 - the loss: the chunked head's logits for 2,048 tokens at a time (bf16 logits, their fp32 copy and gradient), or
@@ -70,7 +70,7 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
     widened = inner * (len(projections) - 1)  # c_fc; or gate and up
     post = inner * (projections[-1] in lora_targets)
     activation, down = (getattr(mlp, name, None) for name in fusion.ACTIVATION_THEN_DOWN)
-    recomputable = post if fusion._is_tanh_gelu(activation) and names.get(down) in lora_targets else 0
+    recomputable = post if fusion.is_tanh_gelu(activation) and names.get(down) in lora_targets else 0
     return Shape(linear=linear, head=head.weight.numel(), tied=tied,
                  other=total - linear - (0 if tied else head.weight.numel()), lora=lora,
                  layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=widened, mlp_kept=widened + post,
