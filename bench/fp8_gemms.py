@@ -10,7 +10,9 @@ tokens, timed with CUDA events on random data, in four forms of the frozen weigh
   output gradients quantized each step (included in the time), the weight transposed for the backward each step;
 - `nf4_to_fp8`: the alternative to storing FP8: NF4 kept, dequantized and quantized to FP8 in every forward and
   backward (both included).
-For the FP8 form it also times the backward's weight transpose, PyTorch's copy against the compiled one it uses.
+For the FP8 form it also times the backward's weight transpose, PyTorch's copy against the compiled one it uses,
+and the FP8 GEMMs alone (forward and input gradient, quantization excluded) in four forms: a scale per row or one per
+tensor, with exact or Hopper's fast accumulation (finetune/fp8.py uses scales per row, fast accumulation).
 Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
 """
 
@@ -72,6 +74,26 @@ def forms(in_features: int, out_features: int) -> dict:
             "nf4_to_fp8": lambda x: _Nf4ToFp8.apply(x, nf4)}
 
 
+def scaled_mm_forms(tokens: int, in_features: int, out_features: int) -> dict[str, float]:
+    """ms of the forward and the input-gradient FP8 GEMM together, per form of scaling and accumulation."""
+    x, grad = (torch.randn(tokens, n, device="cuda").to(fp8.E4M3) for n in (in_features, out_features))
+    weight = torch.randn(out_features, in_features, device="cuda").to(fp8.E4M3)
+    weight_t = weight.t().contiguous()
+    rows = {"x": torch.rand(tokens, 1, device="cuda"), "w": torch.rand(1, out_features, device="cuda"),
+            "wt": torch.rand(1, in_features, device="cuda")}
+    one = torch.tensor(1.0, device="cuda")
+    times = {}
+    for scaling in ("row", "tensor"):
+        a, b, bt = (rows["x"], rows["w"], rows["wt"]) if scaling == "row" else (one, one, one)
+        for accumulation, fast in (("exact", False), ("fast", True)):
+            def both():
+                torch._scaled_mm(x, weight.t(), scale_a=a, scale_b=b, out_dtype=torch.bfloat16, use_fast_accum=fast)
+                torch._scaled_mm(grad, weight_t.t(), scale_a=a, scale_b=bt, out_dtype=torch.bfloat16,
+                                 use_fast_accum=fast)
+            times[f"{scaling}_{accumulation}"] = milliseconds(both)
+    return times
+
+
 def main(options) -> dict:
     results = {}
     for name, (in_features, out_features, count) in layer_shapes(options.size).items():
@@ -83,10 +105,13 @@ def main(options) -> dict:
             if form == "fp8":  # the backward's weight transpose: PyTorch's copy against the compiled one
                 row["transpose_eager"] = milliseconds(lambda: layer.weight.t().contiguous())
                 row["transpose_compiled"] = milliseconds(lambda: fp8.transposed(layer.weight))
+        row["scaled_mm"] = scaled_mm_forms(options.tokens, in_features, out_features)
         results[name] = row
         print(json.dumps({name: row}), flush=True)
     totals = {form: sum(row[form] * row["count"] for row in results.values()) for form in ("bf16", "nf4", "fp8",
                                                                                              "nf4_to_fp8")}
+    gemm_forms = {form: sum(row["scaled_mm"][form] * row["count"] for row in results.values())
+                  for form in next(iter(results.values()))["scaled_mm"]}
     header = manifest.provenance()
     print(f"\n{header['device']}, StarCoder-{options.size}, {options.tokens} tokens, forward + input gradient, ms")
     print(f"{'layer':12s} {'count':>5s} {'bf16':>8s} {'nf4':>8s} {'fp8':>8s} {'nf4->fp8':>9s}   fp8 weight "
@@ -96,8 +121,9 @@ def main(options) -> dict:
               f"{row['nf4_to_fp8']:9.2f}   {row['transpose_eager']:.3f}, {row['transpose_compiled']:.3f}")
     print(f"{'per step':12s} {'':5s} {totals['bf16']:8.1f} {totals['nf4']:8.1f} {totals['fp8']:8.1f} "
           f"{totals['nf4_to_fp8']:9.1f}")
-    write_json(options.json, {**header, "size": options.size, "tokens": options.tokens, "per_step_ms": totals},
-               results)
+    print("FP8 GEMMs alone per step, ms: " + ", ".join(f"{form} {ms:.1f}" for form, ms in gemm_forms.items()))
+    write_json(options.json, {**header, "size": options.size, "tokens": options.tokens, "per_step_ms": totals,
+                              "scaled_mm_per_step_ms": gemm_forms}, results)
     return results
 
 
