@@ -222,38 +222,37 @@ def run_one(name: str, options) -> dict:
         window = getattr(config, "sliding_window", None) or math.inf
         # FlopCounterMode has no rule for the varlen kernel, and eager attention ignores the window in its count
         if "position_ids" not in train_set.column_names and args.seq_length <= window:
-            result["verify"]["flop_counter_per_token"] = flop_counter_per_token(model, args, train_set, tokenizer,
-                                                                                autocast)
-            result["verify"]["ours_per_token"] = flops_per_token(model, args.seq_length).model
+            counted, ours = flop_counter_per_token(model, train_set, tokenizer, autocast)
+            result["verify"].update(flop_counter_per_token=counted, ours_per_token=ours)
     if profiler:
         result["profile"] = profiler.summary
     return result
 
 
-def bitsandbytes_flop_formulas(quantization: str) -> dict:
+def bitsandbytes_flop_formulas() -> dict:
     """bitsandbytes' matmuls are custom ops that FlopCounterMode has no formula for: 2 x tokens x in x out. The 4-bit
     one; LLM.int8's forward, with outlier columns (threshold 6, the default) or without (its backward, the input
     gradient, is an ordinary matmul that FlopCounterMode counts)."""
     import bitsandbytes  # noqa: F401  (registers the ops)
 
     ops = torch.ops.bitsandbytes
-    if quantization == "4bit":
-        return {ops.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) * out_shape[-1]}
-    if quantization == "8bit":
-        return {ops.int8_mixed_scaled_mm: lambda a, ca, cb, *_, **__: 2 * math.prod(a) * cb[0],
-                ops.int8_scaled_mm: lambda a, b, *_, **__: 2 * math.prod(a) * b[0]}
-    return {}
+    return {ops.gemm_4bit: lambda a, *_, out_shape=None, **__: 2 * math.prod(a) * out_shape[-1],
+            ops.int8_mixed_scaled_mm: lambda a, ca, cb, *_, **__: 2 * math.prod(a) * cb[0],
+            ops.int8_scaled_mm: lambda a, b, *_, **__: 2 * math.prod(a) * b[0]}
 
 
-def flop_counter_per_token(model, args, train_set, tokenizer, autocast: dict) -> float:
-    """One sequence's model FLOPs per token by torch's FlopCounterMode: an independent count of ours."""
+def flop_counter_per_token(model, train_set, tokenizer, autocast: dict) -> tuple[float, float]:
+    """One sequence's model FLOPs per token by torch's FlopCounterMode, an independent count, and ours for a sequence
+    of its length. Per token of the sequence that ran, not of seq_length: an unpacked example is shorter (on
+    2026-12-06 dividing by seq_length put the tutorial recipe's count 234% off)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from flops_counter import flops_per_token
 
     # One sequence: eager attention keeps every score matrix, which at full batch does not fit.
-    batch = first_batch(train_set, 1, tokenizer)
-    counter = FlopCounterMode(display=False, custom_mapping=bitsandbytes_flop_formulas(args.quantization))
+    batch = first_batch(train_set, 1, tokenizer, model.device)
+    tokens = batch["input_ids"].shape[1]  # padding included: the model computes over it
+    counter = FlopCounterMode(display=False, custom_mapping=bitsandbytes_flop_formulas())
     # Eager attention for the count: FlopCounterMode's SDPA rule rejects multi-query shapes (torch 2.11). The
     # backward runs on this thread, not the autograd engine's device thread, so the counter sees it too.
     inner = model.get_base_model()
@@ -267,18 +266,17 @@ def flop_counter_per_token(model, args, train_set, tokenizer, autocast: dict) ->
     inner.set_attn_implementation(attention)
     # FlopCounterMode charges full attention; the model count charges causal attention as half of it. (Eager
     # attention computes every score inside a sliding window's mask too: the caller checks unwindowed lengths only.)
-    ours = flops_per_token(model, args.seq_length)
-    return counter.get_total_flops() / args.seq_length - (ours.breakdown["attention_forward"]
-                                                          + ours.breakdown["attention_backward"])
+    ours = flops_per_token(model, tokens)
+    return (counter.get_total_flops() / tokens - (ours.breakdown["attention_forward"]
+                                                  + ours.breakdown["attention_backward"]), ours.model)
 
 
-def first_batch(train_set, size: int, tokenizer) -> dict:
-    """The first `size` examples as the training collator makes them, on the GPU."""
+def first_batch(train_set, size: int, tokenizer, device) -> dict:
+    """The first `size` examples as the training collator makes them, on `device`."""
     from finetune.data import Collator
 
     batch = Collator(tokenizer)([train_set[i] for i in range(size)])
-    return {key: value.cuda() if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 class StepProfiler:

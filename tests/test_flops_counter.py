@@ -116,13 +116,32 @@ def test_the_bench_s_formulas_let_flop_counter_mode_count_bitsandbytes_layers(qu
                                     torch.float32)
         model = modeling.add_lora(model, modeling.lora_config(4, 8, 0.0, "c_attn,c_proj"), True)
         model.get_base_model().set_attn_implementation("eager")
-        counter = FlopCounterMode(display=False, custom_mapping=bitsandbytes_flop_formulas(kind))
+        counter = FlopCounterMode(display=False, custom_mapping=bitsandbytes_flop_formulas())
         ids = torch.randint(20, 4000, (1, 32))
         with counter, torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=ids, labels=ids).loss.backward()
         return counter.get_total_flops()
 
     assert counted(quantization) == counted("none")
+
+
+def test_the_bench_s_independent_count_is_per_token_of_the_sequence_that_ran():
+    """--verify_flops counts one unpacked example, shorter than seq_length: FlopCounterMode's FLOPs per token of that
+    example agree with ours for its length (dividing by seq_length put the tutorial recipe's count 234% off on
+    2026-12-06)."""
+    from datasets import Dataset
+
+    from bench.recipes import flop_counter_per_token
+    from finetune import modeling
+
+    model = modeling.load_model("tiny-starcoder", modeling.quantization_config("8bit", torch.float32), torch.float32)
+    model = modeling.add_lora(model, modeling.lora_config(4, 8, 0.0, "c_attn,c_proj"), True)
+    ids = torch.randint(20, 4000, (37,)).tolist()  # of a 512-token recipe
+    examples = Dataset.from_dict({"input_ids": [ids], "labels": [ids]})
+    counted, ours = flop_counter_per_token(model, examples, modeling.load_tokenizer("tiny-starcoder"),
+                                           dict(device_type="cpu", enabled=False))
+    assert counted == pytest.approx(ours, rel=0.01)
+    assert model.get_base_model().config._attn_implementation != "eager"  # the training attention is back
 
 
 class FakeClock:
