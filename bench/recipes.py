@@ -310,13 +310,41 @@ class StepProfiler:
         from torch.autograd import DeviceType
 
         self.active.__exit__(None, None, None)
-        kernels = [e for e in self.active.events() if e.device_type == DeviceType.CUDA]
-        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        events = self.active.events()
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(end - start for start, end, _ in kernels) / 1e3
+        idle = idle_gaps(kernels, min(e.time_range.start for e in events), max(e.time_range.end for e in events))
         table = self.active.key_averages().table(sort_by="cuda_time_total", row_limit=50, max_name_column_width=70)
+        waits = "\n".join(f"  {ms:8.2f} ms before {name}" for name, ms in idle["before"])
         with open(self.path, "w") as f:
-            f.write(f"one Trainer step under the profiler: {seconds * 1e3:.1f} ms, GPU kernels {busy:.1f} ms\n{table}")
-        self.summary = {"path": self.path, "profiled_step_ms": seconds * 1e3, "kernel_ms": busy}
+            f.write(f"one Trainer step under the profiler: {seconds * 1e3:.1f} ms, GPU kernels {busy:.1f} ms\n"
+                    f"GPU idle {idle['total_ms']:.1f} ms: {idle['edges_ms']:.1f} before its first kernel and after its "
+                    f"last, {idle['total_ms'] - idle['edges_ms']:.1f} between kernels, most of it before:\n{waits}\n"
+                    f"{table}")
+        self.summary = {"path": self.path, "profiled_step_ms": seconds * 1e3, "kernel_ms": busy, "idle": idle}
         self.active = None
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], start: float, end: float, top: int = 12) -> dict:
+    """Where the GPU idled between `start` and `end` (µs), from its kernels' (start, end, name) on any stream: the
+    total, the part before the first kernel and after the last (the step's edges), and each gap between kernels
+    charged to the kernel that ran next (what the GPU waited to be given), the `top` largest sums."""
+    total = edges = 0.0
+    before: dict[str, float] = {}
+    last_end = None
+    for kernel_start, kernel_end, name in sorted(kernels):
+        gap = kernel_start - (start if last_end is None else last_end)
+        if gap > 0:
+            total += gap
+            if last_end is None:
+                edges += gap
+            else:
+                before[name] = before.get(name, 0.0) + gap
+        last_end = kernel_end if last_end is None else max(last_end, kernel_end)
+    tail = max(end - (start if last_end is None else last_end), 0.0)
+    ranked = sorted(before.items(), key=lambda item: -item[1])[:top]
+    return {"total_ms": (total + tail) / 1e3, "edges_ms": (edges + tail) / 1e3,
+            "before": [(name, us / 1e3) for name, us in ranked]}
 
 
 def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> dict:

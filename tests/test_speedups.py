@@ -118,6 +118,19 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     assert "tokens/s" in done.stdout
 
 
+def test_the_step_profile_charges_each_idle_gap_to_the_kernel_that_ran_next():
+    """bench/recipes.py --profile: the GPU's idle time in a step, from its kernels (µs), overlapping ones on two
+    streams counted once, the step's edges apart."""
+    from bench.recipes import idle_gaps
+
+    kernels = [(25, 30, "gemm"), (10, 20, "norm"), (28, 40, "copy"), (50, 55, "gemm"), (60, 61, "add")]
+    idle = idle_gaps(kernels, start=0, end=70)
+    assert idle["edges_ms"] == pytest.approx((10 + 9) / 1e3)
+    assert idle["total_ms"] == pytest.approx((10 + 5 + 10 + 5 + 9) / 1e3)
+    assert idle["before"] == [("gemm", pytest.approx(0.015)), ("add", pytest.approx(0.005))]
+    assert idle_gaps([], start=0, end=70)["total_ms"] == pytest.approx(0.07)
+
+
 def test_sweep_with_wandb_writes_one_run_per_configuration_and_a_summary(tmp_path):
     from wandb_records import history, offline_runs, records
 
