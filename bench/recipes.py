@@ -157,7 +157,7 @@ class CudaEventTimer:
 
 
 def run_one(name: str, options) -> dict:
-    from finetune import architecture, fim, memory, modeling, pipeline, training
+    from finetune import architecture, fim, fusion, memory, modeling, pipeline, training
     from flops_counter import TFLOPSCallback, flops_per_token
 
     total_steps = options.warmup + options.steps
@@ -185,7 +185,7 @@ def run_one(name: str, options) -> dict:
                                             model_class=causal_lm_class(config), config=config, state_dict=state_dict)
         del state_dict
         load_seconds = time.perf_counter() - started
-        recompute_gelu = any(getattr(module, "_gelu_input", False) for module in model.modules())
+        recompute_gelu = fusion.recomputes_gelu(model)
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
                                     args.seq_length, args.gradient_checkpointing, args.fp32_upcast,
                                     recompute_gelu=recompute_gelu)["total"]

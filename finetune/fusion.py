@@ -189,6 +189,11 @@ def _sibling_forward(self, x, *args, **kwargs):
     return _fused_lora_forward(self, x, *args, **kwargs)
 
 
+def recomputes_gelu(model) -> bool:
+    """Whether fuse_lora moved an MLP's GELU into its down projection, to recompute its output in the backward."""
+    return any(getattr(module, "_gelu_input", False) for module in model.modules())
+
+
 def fuse_lora(model, recompute_gelu: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (with
     `recompute_gelu`, a down projection adapted after a tanh GELU the GELU too), and sibling layers over FP8 bases
@@ -203,7 +208,8 @@ def fuse_lora(model, recompute_gelu: bool = False) -> int:
             fused += 1
     for module in list(model.modules()) if recompute_gelu else ():
         activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
-        if is_tanh_gelu(activation) and getattr(down, "forward", None).__func__ is _fused_lora_forward:
+        forward = getattr(getattr(down, "forward", None), "__func__", None)  # no down projection: None
+        if is_tanh_gelu(activation) and forward is _fused_lora_forward:
             down._gelu_input = True  # its forward applies the GELU, on every path
             setattr(module, ACTIVATION_THEN_DOWN[0], torch.nn.Identity())
     for module in list(model.modules()):
