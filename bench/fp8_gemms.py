@@ -10,8 +10,10 @@ tokens, timed with CUDA events on random data, in four forms of the frozen weigh
   output gradients quantized each step (included in the time), the weight transposed for the backward each step;
 - `nf4_to_fp8`: the alternative to storing FP8: NF4 kept, dequantized and quantized to FP8 in every forward and
   backward (both included).
-For the FP8 form it also times the backward's weight transpose, PyTorch's copy against the compiled one it uses,
-and the FP8 GEMMs alone (forward and input gradient, quantization excluded) in four forms: a scale per row or one per
+For the FP8 form it also times the backward's weight transpose (PyTorch's copy, a compiled one, and the Triton kernel
+finetune/fp8_kernels.py gives it); the quantization of an output gradient by rows at each width (a compiled one, the
+Triton kernel, and the kernel at each chunk size of a sweep, checked bit for bit against the plain code); and the FP8
+GEMMs alone (forward and input gradient, quantization excluded) in four forms: a scale per row or one per
 tensor, with exact or Hopper's fast accumulation (finetune/fp8.py uses scales per row, fast accumulation).
 Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
 """
@@ -24,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from finetune import fp8, manifest  # noqa: E402
+from finetune import fp8, fp8_kernels, manifest  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
 from finetune.architecture import config as architecture_config  # noqa: E402
@@ -94,6 +96,28 @@ def scaled_mm_forms(tokens: int, in_features: int, out_features: int) -> dict[st
     return times
 
 
+CHUNKS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))  # (values a chunk, warps) of the sweep
+
+
+def quantize_forms(tokens: int, width: int) -> dict:
+    """ms to quantize an output gradient (tokens, width) with its column factors, as input_grad_rows does: compiled
+    (width static, tokens dynamic), the Triton kernel as it chooses, and at each chunk size; and whether the kernel's
+    result is the plain code's bit for bit."""
+    grad = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    column_scale = torch.rand(1, width, device="cuda") + 0.5
+    compiled = torch.compile(fp8._quantize_rows, dynamic=False)
+    values, scales = fp8_kernels.quantize_rows(grad, column_scale)
+    expected, expected_scales = fp8._quantize_rows(grad, column_scale)
+    times = {"identical": torch.equal(values.view(torch.uint8), expected.view(torch.uint8))
+             and torch.equal(scales, expected_scales),
+             "compiled": milliseconds(lambda: compiled(grad, column_scale)),
+             "triton": milliseconds(lambda: fp8_kernels.quantize_rows(grad, column_scale))}
+    for chunk in CHUNKS:
+        times[f"triton_{chunk[0]}x{chunk[1]}"] = milliseconds(lambda: fp8_kernels.quantize_rows(grad, column_scale,
+                                                                                                 chunk))
+    return times
+
+
 def main(options) -> dict:
     results = {}
     for name, (in_features, out_features, count) in layer_shapes(options.size).items():
@@ -102,9 +126,12 @@ def main(options) -> dict:
         row = {"count": count}
         for form, layer in forms(in_features, out_features).items():
             row[form] = milliseconds(lambda: layer(x).backward(grad))
-            if form == "fp8":  # the backward's weight transpose: PyTorch's copy against the compiled one
+            if form == "fp8":  # the backward's weight transpose
+                compiled = torch.compile(lambda weight: weight.t().contiguous())
                 row["transpose_eager"] = milliseconds(lambda: layer.weight.t().contiguous())
-                row["transpose_compiled"] = milliseconds(lambda: fp8.transposed(layer.weight))
+                row["transpose_compiled"] = milliseconds(lambda: compiled(layer.weight))
+                row["transpose_triton"] = milliseconds(lambda: fp8.transposed(layer.weight))
+        row["quantize_output_gradient"] = quantize_forms(options.tokens, out_features)
         row["scaled_mm"] = scaled_mm_forms(options.tokens, in_features, out_features)
         results[name] = row
         print(json.dumps({name: row}), flush=True)
@@ -115,10 +142,13 @@ def main(options) -> dict:
     header = manifest.provenance()
     print(f"\n{header['device']}, StarCoder-{options.size}, {options.tokens} tokens, forward + input gradient, ms")
     print(f"{'layer':12s} {'count':>5s} {'bf16':>8s} {'nf4':>8s} {'fp8':>8s} {'nf4->fp8':>9s}   fp8 weight "
-          f"transpose: eager, compiled")
+          f"transpose: eager, compiled, Triton   output gradient quantized: compiled, Triton")
     for name, row in results.items():
+        quantize = row["quantize_output_gradient"]
         print(f"{name:12s} {row['count']:5d} {row['bf16']:8.2f} {row['nf4']:8.2f} {row['fp8']:8.2f} "
-              f"{row['nf4_to_fp8']:9.2f}   {row['transpose_eager']:.3f}, {row['transpose_compiled']:.3f}")
+              f"{row['nf4_to_fp8']:9.2f}   {row['transpose_eager']:.3f}, {row['transpose_compiled']:.3f}, "
+              f"{row['transpose_triton']:.3f}   {quantize['compiled']:.3f}, {quantize['triton']:.3f}"
+              f"{'' if quantize['identical'] else ' (NOT identical to the plain code)'}")
     print(f"{'per step':12s} {'':5s} {totals['bf16']:8.1f} {totals['nf4']:8.1f} {totals['fp8']:8.1f} "
           f"{totals['nf4_to_fp8']:9.1f}")
     print("FP8 GEMMs alone per step, ms: " + ", ".join(f"{form} {ms:.1f}" for form, ms in gemm_forms.items()))

@@ -36,28 +36,22 @@ def _quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-def _transposed(weight: torch.Tensor) -> torch.Tensor:
-    return weight.t().contiguous()
-
-
-# Compiled on the GPU, with the width static and the token count dynamic: eager quantization is six passes over the
-# activations, and a compile with every dimension dynamic emits slower reductions; PyTorch's own copy transposes a
-# one-byte weight at a fraction of the memory bandwidth (bench/fp8_gemms.py times both; docs/PERFORMANCE.md).
-_quantize_rows_compiled = torch.compile(_quantize_rows)
-_transposed_compiled = torch.compile(_transposed)
-
-
+# On a GPU both per-step passes are our Triton kernels (finetune/fp8_kernels.py: less CPU time a call than a compiled
+# function's, and faster); inside a compiled layer (--compile_layers) the plain code fuses into the layer's graph.
 def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
-    if not x.is_cuda or torch.compiler.is_compiling():  # in a compiled layer it fuses into the layer's own graph
+    if not x.is_cuda or torch.compiler.is_compiling():
         return _quantize_rows(x, column_scale)
-    x = x.detach()  # one compiled graph whether or not the activation requires grad
-    torch._dynamo.maybe_mark_dynamic(x, 0)  # tokens per batch vary (evaluation); each layer's width does not
-    torch._dynamo.mark_static(x, 1)
-    return _quantize_rows_compiled(x, column_scale)
+    from . import fp8_kernels  # Triton, which a CUDA machine's torch brings
+
+    return fp8_kernels.quantize_rows(x, column_scale)
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
-    return (_transposed_compiled if weight.is_cuda and not torch.compiler.is_compiling() else _transposed)(weight)
+    if not weight.is_cuda or torch.compiler.is_compiling():
+        return weight.t().contiguous()
+    from . import fp8_kernels
+
+    return fp8_kernels.transposed(weight)
 
 
 # Both GEMMs use Hopper's fast FP8 accumulation: `--recipe fp8` on StarCoder-15B trains 7% faster with it (13,508

@@ -1,6 +1,7 @@
 """The frozen base in FP8: refused where there are no FP8 tensor cores, arithmetic against bf16, LoRA still trains,
 and the adapter it trains is an ordinary one."""
 
+import os
 import subprocess
 import sys
 
@@ -108,3 +109,41 @@ def test_conversion_moves_each_layer_to_the_device_as_it_quantizes():
     assert all(m.bias is None or m.bias.is_meta for m in converted)
     assert not model.get_input_embeddings().weight.is_meta  # not a linear layer: moved with the rest
     assert all(not p.is_meta for n, p in model.named_parameters() if "lora_" in n)
+
+
+# The GPU's Triton kernels (finetune/fp8_kernels.py), run here by Triton's interpreter on the CPU. Its cast to e4m3
+# is not the GPU's: it rounds an exact tie away from zero, flushes subnormals (below 2^-6), and where rounding up
+# reaches a power of two it gives half of it (127.9 becomes 64, not 128). So values are compared within one e4m3 step
+# except where the reference is a power of two; on the GPU they are bit for bit fp8._quantize_rows's
+# (bench/fp8_gemms.py checks that).
+_KERNELS_ON_THE_INTERPRETER = """
+import torch
+from finetune import fp8, fp8_kernels
+
+torch.manual_seed(0)
+for rows, width in ((3, 700), (2, 1500), (2, 9000)):  # one chunk; two; three of the wide kind
+    x = torch.randn(rows, width).to(torch.bfloat16)
+    x[0, 5] = 0  # an exact zero stays zero
+    x[1] = 0  # a row of zeros: its scale is clamped, not a division by zero
+    for column_scale in (None, torch.rand(width) + 0.5):
+        values, scales = fp8_kernels.quantize_rows(x, column_scale)
+        expected, expected_scales = fp8._quantize_rows(x, None if column_scale is None else column_scale.view(1, -1))
+        assert values.dtype == fp8.E4M3 and values.shape == x.shape and scales.shape == (rows, 1)
+        torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+        step = expected.float().abs() / 8 + 2 ** -6  # one e4m3 step at the value, or the subnormal range
+        power_of_two = expected.float().abs().log2().frac() == 0
+        assert ((values.float() - expected.float()).abs() <= step)[~power_of_two].all()
+        assert (values.float() == expected.float()).float().mean() > 0.95
+        assert values[0, 5] == 0 and (values[1] == 0).all() and scales[1].item() > 0
+
+weight = torch.randn(300, 130).to(fp8.E4M3)
+assert torch.equal(fp8_kernels.transposed(weight).view(torch.uint8), weight.t().contiguous().view(torch.uint8))
+print("kernels ok")
+"""
+
+
+def test_the_gpu_quantization_and_transpose_kernels_agree_with_the_reference():
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _KERNELS_ON_THE_INTERPRETER], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "kernels ok", done.stderr[-3000:]

@@ -1,0 +1,83 @@
+"""The FP8 base's per-step work on the GPU as Triton kernels: each activation's and output gradient's quantization
+by rows, and the frozen weight's transpose for the backward (finetune/fp8.py calls them on a CUDA device).
+
+Why our own rather than torch.compile's: each compiled call costs the CPU a guard check and a wrapper (46-51 against
+22-26 us a call, H100, 2026-12-06), where the FP8 step's backward has barely more GPU than CPU time per layer; and
+with chunk sizes of our choosing they quantize StarCoder-15B's output gradients 10-37% faster and transpose its
+weights in a third to a half less time (bench/fp8_gemms.py; docs/PERFORMANCE.md). The values are bit for bit those
+of fp8._quantize_rows on the GPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# (values a chunk, warps) by row width: the fastest of bench/fp8_gemms.py's sweep on an H100 (2026-12-06) at 8,192
+# rows of StarCoder-15B's widths: 1,024 and 4 up to 8,192 wide, 4,096 and 16 beyond. A row wider than its chunk is
+# read twice, for its amax and then to scale it, the second time from L2.
+NARROW, WIDE = (1024, 4), (4096, 16)
+
+
+@triton.jit
+def _chunk(row, column_scale, start, width: tl.constexpr, has_column_scale: tl.constexpr, block: tl.constexpr):
+    """Columns start..start+block of a row in fp32, times their column factors: (values, columns, inside)."""
+    columns = start + tl.arange(0, block)
+    inside = columns < width
+    v = tl.load(row + columns, mask=inside, other=0.0).to(tl.float32)
+    if has_column_scale:
+        v = v * tl.load(column_scale + columns, mask=inside, other=0.0)
+    return v, columns, inside
+
+
+@triton.jit
+def _quantize_rows_kernel(x, column_scale, values, scales, x_stride, width: tl.constexpr, e4m3_max: tl.constexpr,
+                          has_column_scale: tl.constexpr, block: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    source, target = x + row * x_stride, values + row * width
+    amax = tl.zeros((block,), tl.float32)
+    for start in range(0, width, block):  # the row's amax
+        v, _, _ = _chunk(source, column_scale, start, width, has_column_scale, block)
+        amax = tl.maximum(amax, tl.abs(v))
+    # as PyTorch computes it: amax times the reciprocal of 448, then a correctly rounded division
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * (1.0 / e4m3_max)
+    for start in range(0, width, block):  # the row again, scaled
+        v, columns, inside = _chunk(source, column_scale, start, width, has_column_scale, block)
+        q = tl.clamp(tl.math.div_rn(v, scale), -e4m3_max, e4m3_max)
+        tl.store(target + columns, q.to(values.dtype.element_ty), mask=inside)
+    tl.store(scales + row, scale)
+
+
+def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, chunk: tuple[int, int] | None = None,
+                  e4m3=torch.float8_e4m3fn):
+    """fp8._quantize_rows in one kernel: `x` (rows, columns), optionally times a per-column factor, as e4m3 with one
+    fp32 scale per row. `chunk` (values, warps) overrides the choice by width (the bench's sweep)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, width = x.shape
+    values = torch.empty(rows, width, dtype=e4m3, device=x.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    block, num_warps = chunk or (NARROW if width <= 8192 else WIDE)
+    has_column_scale = column_scale is not None
+    column_scale = column_scale.reshape(-1).float() if has_column_scale else scales  # else: never read
+    _quantize_rows_kernel[(rows,)](x, column_scale, values, scales, x.stride(0), width, torch.finfo(e4m3).max,
+                                   has_column_scale, block, num_warps=num_warps)
+    return values, scales
+
+
+@triton.jit
+def _transpose_kernel(source, target, rows, columns, block_rows: tl.constexpr, block_columns: tl.constexpr):
+    r = tl.program_id(0) * block_rows + tl.arange(0, block_rows)
+    c = tl.program_id(1) * block_columns + tl.arange(0, block_columns)
+    inside = (r[:, None] < rows) & (c[None, :] < columns)
+    tile = tl.load(source + r[:, None].to(tl.int64) * columns + c[None, :], mask=inside)
+    tl.store(target + c[None, :].to(tl.int64) * rows + r[:, None], tile, mask=inside)
+
+
+def transposed(weight: torch.Tensor, block_rows: int = 128, block_columns: int = 128) -> torch.Tensor:
+    """weight.t().contiguous() of a contiguous 2-D weight, in tiles of 128 x 128 bytes."""
+    rows, columns = weight.shape
+    source = weight.view(torch.uint8)  # a byte copy: no FP8 arithmetic
+    target = torch.empty(columns, rows, dtype=torch.uint8, device=weight.device)
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
+    _transpose_kernel[grid](source, target, rows, columns, block_rows, block_columns)
+    return target.view(weight.dtype)
