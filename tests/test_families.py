@@ -87,7 +87,7 @@ def test_packed_starcoder2_on_the_gpu_kernel_keeps_examples_apart_within_the_win
     model = modeling.load_quantized("tiny-starcoder2", "none").eval().to(torch.bfloat16)
     model.config.sliding_window = 16
     attention.use(model)
-    assert attention._varlen() is not None
+    assert attention.flash_available()
     first, second = torch.randint(5, 4000, (20,)).tolist(), torch.randint(5, 4000, (40,)).tolist()
     features = [{"input_ids": first + second, "labels": first + second,
                  "position_ids": list(range(20)) + list(range(40))}]
@@ -247,3 +247,28 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_loads_or_is_written(tm
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: this run needs about ") and "--batch_size 1" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length FlashAttention kernel needs a GPU")
+@pytest.mark.parametrize("window", [None, 512])
+def test_packed_flash_attention_is_torchs_varlen_attention(window):
+    """Our direct call of the kernels gives what torch.nn.attention.varlen.varlen_attn gives, forward and backward
+    (the query gradient within the kernel's own run-to-run spread: it sums with atomics)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    lengths = [300, 80, 600, 1068, 2048, 500]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for heads in (48, 1, 1))
+    grad = torch.randn_like(q)
+    left = window - 1 if window else -1
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    expected = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), scale=0.1, window_size=(left, 0), **gqa)
+    ours = attention._PackedFlashAttention.apply(q, k, v, cu, max(lengths), 0.1, left)
+    assert torch.equal(ours, expected)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    torch.testing.assert_close(ours_grads[0], expected_grads[0], atol=1e-2, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads[1:], expected_grads[1:]))
