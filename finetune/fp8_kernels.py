@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import E4M3, E4M3_MAX
+
 # (values a chunk, warps) by row width: the fastest of bench/fp8_gemms.py's sweep on an H100 (2026-12-06) at 8,192
 # rows of StarCoder-15B's widths: 1,024 and 4 up to 8,192 wide, 4,096 and 16 beyond. A row wider than its chunk is
 # read twice, for its amax and then to scale it, the second time from L2.
@@ -47,19 +49,18 @@ def _quantize_rows_kernel(x, column_scale, values, scales, x_stride, width: tl.c
     tl.store(scales + row, scale)
 
 
-def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, chunk: tuple[int, int] | None = None,
-                  e4m3=torch.float8_e4m3fn):
+def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, chunk: tuple[int, int] | None = None):
     """fp8._quantize_rows in one kernel: `x` (rows, columns), optionally times a per-column factor, as e4m3 with one
     fp32 scale per row. `chunk` (values, warps) overrides the choice by width (the bench's sweep)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, width = x.shape
-    values = torch.empty(rows, width, dtype=e4m3, device=x.device)
+    values = torch.empty(rows, width, dtype=E4M3, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block, num_warps = chunk or (NARROW if width <= 8192 else WIDE)
     has_column_scale = column_scale is not None
     column_scale = column_scale.reshape(-1).float() if has_column_scale else scales  # else: never read
-    _quantize_rows_kernel[(rows,)](x, column_scale, values, scales, x.stride(0), width, torch.finfo(e4m3).max,
+    _quantize_rows_kernel[(rows,)](x, column_scale, values, scales, x.stride(0), width, E4M3_MAX,
                                    has_column_scale, block, num_warps=num_warps)
     return values, scales
 
