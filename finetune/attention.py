@@ -1,13 +1,13 @@
 """Attention that keeps packed examples apart, registered with transformers as `per_example`.
 
 On a GPU with FlashAttention kernels (compute capability 8.0+), packed batches run through PyTorch's variable-length
-FlashAttention (the kernels of `torch.nn.attention.varlen`), which treats each example as its own causal sequence:
-as fast as causal attention over whole blocks (bench/attention_kernels.py: 1.62 against 1.72 ms a layer at StarCoder-15B's shape;
-an SDPA document mask takes 4.9 ms and compiled flex attention 2.8). Everywhere else (the CPU, evaluation, generation)
-it is transformers' SDPA attention, which builds the same per-example mask from the position ids. Grouped-query and
-multi-query key/value heads go to the kernel as they are, and a sliding window (StarCoder2's 4,096 tokens) limits
-each token to the `window` positions up to itself in both: FlashAttention's left window is `window - 1`, the
-positions before the token itself, where transformers' mask keeps `key > query - window`. Neither kernel applies
+FlashAttention (the kernels of `torch.nn.attention.varlen`), which treats each example as its own causal sequence: as
+fast as causal attention over whole blocks (bench/attention_kernels.py: 1.62 against 1.72 ms a layer at StarCoder-15B's
+shape; an SDPA document mask takes 4.9 ms and compiled flex attention 2.8). Everywhere else (the CPU, evaluation,
+generation) it is transformers' SDPA attention, which builds the same per-example mask from the position ids.
+Grouped-query and multi-query key/value heads go to the kernel as they are, and a sliding window (StarCoder2's 4,096
+tokens) limits each token to the `window` positions up to itself in both: FlashAttention's left window is `window - 1`,
+the positions before the token itself, where transformers' mask keeps `key > query - window`. Neither kernel applies
 attention dropout, so `use` turns it off.
 """
 
