@@ -282,7 +282,8 @@ def first_batch(train_set, size: int, tokenizer, device) -> dict:
 class StepProfiler:
     """torch.profiler over one whole Trainer step (forward, backward, the optimizer), the last warm-up one so that the
     profiler's overhead stays out of the rates: a table of the top CUDA kernels, and the GPU's busy time beside the
-    step's, so the step's idle share shows too."""
+    step's, so the step's idle share shows too; and the step's timeline beside the table (`.json.gz`, for Perfetto
+    or chrome://tracing), where each idle gap shows which CPU work the GPU waited for."""
 
     def __init__(self, step: int, path: str):
         from transformers import TrainerCallback
@@ -310,6 +311,7 @@ class StepProfiler:
         from torch.autograd import DeviceType
 
         self.active.__exit__(None, None, None)
+        self.active.export_chrome_trace(os.path.splitext(self.path)[0] + ".json.gz")
         events = self.active.events()
         kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA]
         busy = sum(end - start for start, end, _ in kernels) / 1e3
@@ -445,7 +447,7 @@ if __name__ == "__main__":
                              "FlopCounterMode: independent checks of the callback's TFLOP/s")
     parser.add_argument("--profile", default="",
                         help="recipes to profile the last warm-up step of (comma-separated; needs --warmup 1 or more)")
-    parser.add_argument("--profile_dir", default=".", help="where the profile tables go")
+    parser.add_argument("--profile_dir", default=".", help="where the profile tables and timelines go")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     check_run_arguments(parser, options)
