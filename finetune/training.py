@@ -37,6 +37,11 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         load_best_model_at_end=True,  # the adapter kept at the end is the one with the lowest eval loss
         metric_for_best_model="eval_loss",
         logging_steps=args.logging_steps,
+        # A NaN or infinite loss is logged as it is, not replaced by the mean of the losses before it. Checking for it
+        # also made the CPU wait, every step, for the GPU to finish the backward, after which the Trainer's Python
+        # between the backward and the optimizer step (8 ms on an H100) left the GPU idle; without the check it runs
+        # while the GPU works through the queued backward (docs/PERFORMANCE.md, 2026-12-06).
+        logging_nan_inf_filter=False,
         bf16=dtype == torch.bfloat16 and args.mixed_precision,  # off: a bf16 model simply computes in bf16
         fp16=dtype == torch.float16,  # fp16 always needs autocast and the loss scaler
         report_to=[args.report_to] if args.report_to != "none" else "none",

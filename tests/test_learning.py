@@ -90,6 +90,18 @@ def test_completion_only_is_the_default_for_pairs_and_not_for_text(tmp_path, few
         assert (labels[0] == IGNORE_INDEX) == expected, dataset
 
 
+def test_a_diverging_run_logs_its_loss_as_it_is(tmp_path, few_examples):
+    """A learning rate of 1e30 makes the adapter's weights overflow after the first step: the logged loss must say
+    so, not be replaced by the mean of the losses before it (the Trainer's default nan/inf filter)."""
+    import math
+
+    args = tiny_args(tmp_path / "out", dataset=few_examples, max_train_steps=3, eval_steps=3, logging_steps=1,
+                     learning_rate=1e30, lora_dropout=0.0, batch_size=2)
+    losses = [row["loss"] for row in base_example.main(args).state.log_history if "loss" in row]
+    assert len(losses) == 3 and math.isfinite(losses[0])
+    assert not any(math.isfinite(loss) for loss in losses[1:]), losses
+
+
 @pytest.fixture(scope="module")
 def no_dropout_model(tmp_path_factory) -> str:
     """The embedded model's architecture without dropout, so that micro-batches and one batch draw no masks."""
