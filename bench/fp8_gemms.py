@@ -14,7 +14,9 @@ For the FP8 form it also times the backward's weight transpose (PyTorch's copy, 
 finetune/fp8_kernels.py gives it); the quantization of an output gradient by rows at each width (a compiled one, the
 Triton kernel, and the kernel at each chunk size of a sweep, checked bit for bit against the plain code); and the FP8
 GEMMs alone (forward and input gradient, quantization excluded) in four forms: a scale per row or one per
-tensor, with exact or Hopper's fast accumulation (finetune/fp8.py uses scales per row, fast accumulation).
+tensor, with exact or Hopper's fast accumulation (finetune/fp8.py uses scales per row, fast accumulation). And
+LoRA's rank-16 add into the layer's output and into its input gradient: addmm_ against our Triton kernel
+(finetune/lora_kernels.py) and a sweep of its tile sizes.
 Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
 """
 
@@ -26,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from finetune import fp8, fp8_kernels, manifest  # noqa: E402
+from finetune import fp8, fp8_kernels, lora_kernels, manifest  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
 from finetune.architecture import config as architecture_config  # noqa: E402
@@ -118,6 +120,25 @@ def quantize_forms(tokens: int, width: int) -> dict:
     return times
 
 
+BLOCKS = ((64, 128), (64, 256), (128, 128), (128, 256), (32, 512))  # (rows, columns) of the sweep
+
+
+def low_rank_add_forms(tokens: int, width: int, up_transposed: bool, rank: int = 16) -> dict:
+    """ms of LoRA's rank-16 add into a (tokens, width) tensor in place, as the forward adds B's term (`up_transposed`:
+    B^T, a transposed view) or the backward A's (contiguous): addmm_, our kernel as it chooses and at each block of a
+    sweep; and the share of sums equal to addmm_'s."""
+    out = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    down = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(width, rank, device="cuda", dtype=torch.bfloat16).t()
+    up = up if up_transposed else up.contiguous()
+    equal = (lora_kernels.add_low_rank_(out.clone(), down, up) == out.clone().addmm_(down, up)).float().mean()
+    times = {"equal_share": equal.item(), "addmm": milliseconds(lambda: out.addmm_(down, up)),
+             "triton": milliseconds(lambda: lora_kernels.add_low_rank_(out, down, up))}
+    for block in BLOCKS:
+        times[f"triton_{block[0]}x{block[1]}"] = milliseconds(lambda: lora_kernels.add_low_rank_(out, down, up, block))
+    return times
+
+
 def main(options) -> dict:
     results = {}
     for name, (in_features, out_features, count) in layer_shapes(options.size).items():
@@ -133,6 +154,8 @@ def main(options) -> dict:
                 row["transpose_triton"] = milliseconds(lambda: fp8.transposed(layer.weight))
         row["quantize_output_gradient"] = quantize_forms(options.tokens, out_features)
         row["scaled_mm"] = scaled_mm_forms(options.tokens, in_features, out_features)
+        row["low_rank_add"] = {"output": low_rank_add_forms(options.tokens, out_features, up_transposed=True),
+                               "input_gradient": low_rank_add_forms(options.tokens, in_features, up_transposed=False)}
         results[name] = row
         print(json.dumps({name: row}), flush=True)
     totals = {form: sum(row[form] * row["count"] for row in results.values()) for form in ("bf16", "nf4", "fp8",
@@ -152,6 +175,10 @@ def main(options) -> dict:
     print(f"{'per step':12s} {'':5s} {totals['bf16']:8.1f} {totals['nf4']:8.1f} {totals['fp8']:8.1f} "
           f"{totals['nf4_to_fp8']:9.1f}")
     print("FP8 GEMMs alone per step, ms: " + ", ".join(f"{form} {ms:.1f}" for form, ms in gemm_forms.items()))
+    print("LoRA's rank-16 add, ms, addmm_ -> Triton: " + ", ".join(
+        f"{name} {row['low_rank_add']['output']['addmm']:.3f} -> {row['low_rank_add']['output']['triton']:.3f} and "
+        f"{row['low_rank_add']['input_gradient']['addmm']:.3f} -> {row['low_rank_add']['input_gradient']['triton']:.3f}"
+        for name, row in results.items()))
     write_json(options.json, {**header, "size": options.size, "tokens": options.tokens, "per_step_ms": totals,
                               "scaled_mm_per_step_ms": gemm_forms}, results)
     return results

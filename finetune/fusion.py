@@ -6,7 +6,9 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   (`torch.addmm`, whose epilogue adds the base output), the scale folded into B's small (out x r) weight.
 - `fuse_lora` over an FP8, 16-bit or 4-bit base also computes the whole layer in one autograd function whose backward
   adds LoRA's input gradient into the base's in place (in the GEMM's epilogue) instead of as a third tensor that
-  autograd sums (no faster as measured: the epilogue still reads and writes the gradient). With `recompute_gelu`,
+  autograd sums (no faster as measured: the epilogue still reads and writes the gradient). On a GPU both of its
+  low-rank adds, into the output and into the input gradient, are our kernel (finetune/lora_kernels.py), which
+  moves the full-width tensor faster than cuBLAS's addmm_. With `recompute_gelu`,
   where the layer is an MLP's down projection after a tanh GELU (StarCoder, StarCoder2), the GELU moves inside it,
   so that only its input is kept for the backward and its output, LoRA's input, is recomputed there instead of
   held: 24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048, for a second GELU pass (1.1% of an
@@ -67,6 +69,18 @@ def _base_input_grad(grad_rows, weight, weight_scale):
     return grad_rows @ fp8.dequantized(weight)
 
 
+def _add_low_rank_(out, down, up):
+    """out += down @ up in place: our kernel on a GPU where `out` is 16-bit with each row contiguous and the rank is
+    at most 64 (a tile of a bigger one's `up` would not stay in registers) (finetune/lora_kernels.py); addmm_
+    elsewhere and inside a compiled layer (which fuses its own)."""
+    if (not out.is_cuda or torch.compiler.is_compiling() or out.dtype not in (torch.bfloat16, torch.float16)
+            or out.stride(1) != 1 or down.dtype != out.dtype or up.dtype != out.dtype or down.shape[1] > 64):
+        return out.addmm_(down, up)
+    from . import lora_kernels  # Triton, which a CUDA machine's torch brings
+
+    return lora_kernels.add_low_rank_(out, down, up)
+
+
 class _LoraLinear(torch.autograd.Function):
     """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit), LoRA's
     B already scaled, act the identity or tanh GELU (`gelu`), whose output is recomputed in the backward."""
@@ -76,7 +90,7 @@ class _LoraLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         inputs = _gelu(rows) if gelu else rows
         down = inputs @ lora_a.t()
-        out = _base_forward(inputs, weight, weight_scale, bias).addmm_(down, lora_b.t())
+        out = _add_low_rank_(_base_forward(inputs, weight, weight_scale, bias), down, lora_b.t())
         ctx.gelu = gelu
         ctx.save_for_backward(rows, down, lora_a, lora_b, weight, weight_scale)
         return out.view(*x.shape[:-1], -1)
@@ -90,7 +104,7 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            grad_in = _base_input_grad(grad, weight, weight_scale).addmm_(grad_down, lora_a)
+            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a)
             if ctx.gelu:
                 grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)

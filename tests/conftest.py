@@ -32,6 +32,18 @@ def _fresh_wandb_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def on_triton_interpreter(code: str) -> str:
+    """Run `code` in a fresh Python with Triton's CPU interpreter (TRITON_INTERPRET=1, read at import): our GPU
+    kernels, here. Returns its standard output; fails the test with its error if it fails."""
+    import subprocess
+
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def tiny_args(output_dir, **overrides) -> TrainArguments:
     """A few-second run on the embedded model: short sequences, few steps, no W&B unless asked. The loss is on whole
     examples: at 64 tokens many stdlib-code docstrings leave no completion to train on."""

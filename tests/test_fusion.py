@@ -4,6 +4,7 @@ not apply, and store nothing twice."""
 import pytest
 import torch
 
+from conftest import on_triton_interpreter
 from finetune import fp8, fusion, modeling
 from test_fp8 import needs_scaled_mm
 
@@ -207,3 +208,31 @@ def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypa
     training.train(trainer, args, run)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+# LoRA's low-rank add as the GPU runs it (finetune/lora_kernels.py), on Triton's CPU interpreter: rows and columns
+# that do not fill a tile, ranks below, at and above the 16 of a tile, B^T as the forward passes it (a transposed
+# view) and A as the backward does (contiguous). The interpreter's cast to bf16 truncates where the GPU's rounds to
+# nearest, so each sum is checked against the exact one truncated (and within one bf16 step of it).
+_LOW_RANK_ADD_ON_THE_INTERPRETER = """
+import torch
+from finetune import lora_kernels
+
+torch.manual_seed(0)
+for rows, columns, rank in ((70, 300, 16), (130, 520, 8), (64, 256, 32)):
+    out = torch.randn(rows, columns).to(torch.bfloat16)
+    down = torch.randn(rows, rank).to(torch.bfloat16)
+    weight = torch.randn(columns, rank).to(torch.bfloat16)
+    for up in (weight.t(), weight.t().contiguous()):
+        exact = out.double() + down.double() @ up.double()
+        truncated = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+        got = out.clone()
+        assert lora_kernels.add_low_rank_(got, down, up) is got
+        assert ((got.double() - exact).abs() <= exact.abs() * 2**-7).all()
+        assert (got.float() == truncated).float().mean() > 0.99
+print("low-rank add ok")
+"""
+
+
+def test_the_gpu_low_rank_add_is_addmm():
+    assert on_triton_interpreter(_LOW_RANK_ADD_ON_THE_INTERPRETER).strip() == "low-rank add ok"
