@@ -21,14 +21,14 @@ BLOCK = (128, 128)
 
 
 @triton.jit
-def _add_low_rank_kernel(out, down, up, rows, columns, rank, out_stride, down_stride, up_stride_r, up_stride_c,
-                         block_rows: tl.constexpr, block_columns: tl.constexpr, block_rank: tl.constexpr):
+def _add_low_rank_kernel(out, down, up, rows, columns, rank, out_stride, down_stride_r, down_stride_k, up_stride_k,
+                         up_stride_c, block_rows: tl.constexpr, block_columns: tl.constexpr, block_rank: tl.constexpr):
     r = tl.program_id(0) * block_rows + tl.arange(0, block_rows)
     c = tl.program_id(1) * block_columns + tl.arange(0, block_columns)
     k = tl.arange(0, block_rank)
-    d = tl.load(down + r[:, None].to(tl.int64) * down_stride + k[None, :],
+    d = tl.load(down + r[:, None].to(tl.int64) * down_stride_r + k[None, :] * down_stride_k,
                 mask=(r[:, None] < rows) & (k[None, :] < rank), other=0.0)
-    u = tl.load(up + k[:, None] * up_stride_r + c[None, :] * up_stride_c,
+    u = tl.load(up + k[:, None] * up_stride_k + c[None, :] * up_stride_c,
                 mask=(k[:, None] < rank) & (c[None, :] < columns), other=0.0)
     inside = (r[:, None] < rows) & (c[None, :] < columns)
     target = out + r[:, None].to(tl.int64) * out_stride + c[None, :]
@@ -41,12 +41,11 @@ def _add_low_rank_kernel(out, down, up, rows, columns, rank, out_stride, down_st
 def add_low_rank_(out: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                   block: tuple[int, int] | None = None) -> torch.Tensor:
     """out.addmm_(down, up) for `out` (rows, columns) in 16 bits with each row contiguous, `down` (rows, r) and `up`
-    (r, columns) in out's dtype, `up` in any layout. `block` (rows, columns) overrides BLOCK (the bench's sweep)."""
+    (r, columns) in out's dtype, each in any layout. `block` (rows, columns) overrides BLOCK (the bench's sweep)."""
     rows, columns = out.shape
     rank = down.shape[1]
-    down = down if down.stride(1) == 1 else down.contiguous()
     block_rows, block_columns = block or BLOCK
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
-    _add_low_rank_kernel[grid](out, down, up, rows, columns, rank, out.stride(0), down.stride(0), up.stride(0),
-                               up.stride(1), block_rows, block_columns, max(16, triton.next_power_of_2(rank)))
+    _add_low_rank_kernel[grid](out, down, up, rows, columns, rank, out.stride(0), *down.stride(), *up.stride(),
+                               block_rows, block_columns, max(16, triton.next_power_of_2(rank)))
     return out

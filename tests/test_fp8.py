@@ -1,7 +1,6 @@
 """The frozen base in FP8: refused where there are no FP8 tensor cores, arithmetic against bf16, LoRA still trains,
 and the adapter it trains is an ordinary one."""
 
-import os
 import subprocess
 import sys
 

@@ -212,7 +212,7 @@ def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypa
 
 # LoRA's low-rank add as the GPU runs it (finetune/lora_kernels.py), on Triton's CPU interpreter: rows and columns
 # that do not fill a tile, ranks below, at and above the 16 of a tile, B^T as the forward passes it (a transposed
-# view) and A as the backward does (contiguous). The interpreter's cast to bf16 truncates where the GPU's rounds to
+# view) and A as the backward does (contiguous), and a `down` in either layout. The interpreter's cast to bf16 truncates where the GPU's rounds to
 # nearest, so each sum is checked against the exact one truncated (and within one bf16 step of it).
 _LOW_RANK_ADD_ON_THE_INTERPRETER = """
 import torch
@@ -223,7 +223,7 @@ for rows, columns, rank in ((70, 300, 16), (130, 520, 8), (64, 256, 32)):
     out = torch.randn(rows, columns).to(torch.bfloat16)
     down = torch.randn(rows, rank).to(torch.bfloat16)
     weight = torch.randn(columns, rank).to(torch.bfloat16)
-    for up in (weight.t(), weight.t().contiguous()):
+    for up, down in ((weight.t(), down), (weight.t().contiguous(), down), (weight.t(), down.t().contiguous().t())):
         exact = out.double() + down.double() @ up.double()
         truncated = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
         got = out.clone()
