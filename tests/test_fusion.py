@@ -212,8 +212,9 @@ def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypa
 
 # LoRA's low-rank add as the GPU runs it (finetune/lora_kernels.py), on Triton's CPU interpreter: rows and columns
 # that do not fill a tile, ranks below, at and above the 16 of a tile, B^T as the forward passes it (a transposed
-# view) and A as the backward does (contiguous), and a `down` in either layout. The interpreter's cast to bf16 truncates where the GPU's rounds to
-# nearest, so each sum is checked against the exact one truncated (and within one bf16 step of it).
+# view) and A as the backward does (contiguous), and a `down` in either layout. The interpreter's cast to bf16
+# truncates where the GPU's rounds to nearest, so each sum is checked against the exact one truncated (and within
+# one bf16 step of it).
 _LOW_RANK_ADD_ON_THE_INTERPRETER = """
 import torch
 from finetune import lora_kernels
