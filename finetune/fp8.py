@@ -38,12 +38,16 @@ def _quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
 
 # On a GPU both per-step passes are our Triton kernels (finetune/fp8_kernels.py: less CPU time a call than a compiled
 # function's, and faster); inside a compiled layer (--compile_layers) the plain code fuses into the layer's graph.
-def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None):
+def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, gelu_out: torch.Tensor | None = None):
+    """With `gelu_out` (x's shape and dtype, contiguous), the rows quantized are x's tanh GELU, also written there: on
+    a GPU in the same pass, which reads x once (an MLP's down projection, finetune/fusion.py)."""
     if not x.is_cuda or torch.compiler.is_compiling():
+        if gelu_out is not None:
+            x = gelu_out.copy_(torch.nn.functional.gelu(x, approximate="tanh"))
         return _quantize_rows(x, column_scale)
     from . import fp8_kernels  # Triton, which a CUDA machine's torch brings
 
-    return fp8_kernels.quantize_rows(x, column_scale)
+    return fp8_kernels.quantize_rows(x, column_scale, gelu_out=gelu_out)
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
@@ -57,10 +61,11 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
 # Both GEMMs use Hopper's fast FP8 accumulation: `--recipe fp8` on StarCoder-15B trains 7% faster with it (13,508
 # against 12,635 and 12,564 tokens/s on one H200, one call; docs/PERFORMANCE.md, 2026-12-06), and still learns what a
 # bf16 base learns (training losses within 0.14% over 200 steps, bench/fp8_quality.py).
-def forward_rows(rows, weight, weight_scale, bias=None):
+def forward_rows(rows, weight, weight_scale, bias=None, gelu_out=None):
     """rows W^T + b, W frozen in FP8 as Float8Linear stores it: (out, in) e4m3 with a scale per output row, so that
-    W = diag(s) Wq. The rows and Wq^T are both contiguous along `in`, the layout FP8 tensor cores need."""
-    values, scales = quantize_rows(rows)
+    W = diag(s) Wq. The rows and Wq^T are both contiguous along `in`, the layout FP8 tensor cores need. With
+    `gelu_out`, gelu(rows) W^T + b, gelu(rows) written to `gelu_out` (quantize_rows)."""
+    values, scales = quantize_rows(rows, gelu_out=gelu_out)
     return torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias,
                             out_dtype=rows.dtype, use_fast_accum=True)
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import E4M3, E4M3_MAX
+from .gelu_kernels import tanh_gelu
 
 # (values a chunk, warps) by row width: the fastest of bench/fp8_gemms.py's sweep on an H100 (2026-12-06) at 8,192
 # rows of StarCoder-15B's widths: 1,024 and 4 up to 8,192 wide, 4,096 and 16 beyond. A row wider than its chunk is
@@ -32,26 +33,37 @@ def _chunk(row, column_scale, start, width: tl.constexpr, has_column_scale: tl.c
 
 
 @triton.jit
-def _quantize_rows_kernel(x, column_scale, values, scales, x_stride, width: tl.constexpr, e4m3_max: tl.constexpr,
-                          has_column_scale: tl.constexpr, block: tl.constexpr):
+def _quantize_rows_kernel(x, column_scale, values, scales, gelu_out, x_stride, width: tl.constexpr,
+                          e4m3_max: tl.constexpr, has_column_scale: tl.constexpr, gelu: tl.constexpr,
+                          block: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     source, target = x + row * x_stride, values + row * width
+    activations = gelu_out + row * width
     amax = tl.zeros((block,), tl.float32)
     for start in range(0, width, block):  # the row's amax
-        v, _, _ = _chunk(source, column_scale, start, width, has_column_scale, block)
+        v, columns, inside = _chunk(source, column_scale, start, width, has_column_scale, block)
+        if gelu:  # quantize the GELU's output as the model holds it, in x's dtype, which is stored for the rest
+            activation = tanh_gelu(v).to(gelu_out.dtype.element_ty)
+            tl.store(activations + columns, activation, mask=inside)
+            v = activation.to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     # as PyTorch computes it: amax times the reciprocal of 448, then a correctly rounded division
     scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * (1.0 / e4m3_max)
-    for start in range(0, width, block):  # the row again, scaled
-        v, columns, inside = _chunk(source, column_scale, start, width, has_column_scale, block)
+    if gelu:  # what one thread of the program wrote, another may read next
+        tl.debug_barrier()
+    for start in range(0, width, block):  # the row again (the GELU's output, just written), scaled
+        v, columns, inside = _chunk(activations if gelu else source, column_scale, start, width, has_column_scale,
+                                    block)
         q = tl.clamp(tl.math.div_rn(v, scale), -e4m3_max, e4m3_max)
         tl.store(target + columns, q.to(values.dtype.element_ty), mask=inside)
     tl.store(scales + row, scale)
 
 
-def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, chunk: tuple[int, int] | None = None):
+def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, chunk: tuple[int, int] | None = None,
+                  gelu_out: torch.Tensor | None = None):
     """fp8._quantize_rows in one kernel: `x` (rows, columns), optionally times a per-column factor, as e4m3 with one
-    fp32 scale per row. `chunk` (values, warps) overrides the choice by width (the bench's sweep)."""
+    fp32 scale per row. With `gelu_out` (x's shape and dtype, contiguous), the rows quantized are x's tanh GELU, which
+    the kernel also writes there. `chunk` (values, warps) overrides the choice by width (the bench's sweep)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, width = x.shape
@@ -60,8 +72,9 @@ def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None, chu
     block, num_warps = chunk or (NARROW if width <= 8192 else WIDE)
     has_column_scale = column_scale is not None
     column_scale = column_scale.reshape(-1).float() if has_column_scale else scales  # else: never read
-    _quantize_rows_kernel[(rows,)](x, column_scale, values, scales, x.stride(0), width, E4M3_MAX,
-                                   has_column_scale, block, num_warps=num_warps)
+    gelu = gelu_out is not None
+    _quantize_rows_kernel[(rows,)](x, column_scale, values, scales, gelu_out if gelu else x, x.stride(0), width,
+                                   E4M3_MAX, has_column_scale, gelu, block, num_warps=num_warps)
     return values, scales
 
 

@@ -8,11 +8,12 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   adds LoRA's input gradient into the base's in place (in the GEMM's epilogue) instead of as a third tensor that
   autograd sums (no faster as measured: the epilogue still reads and writes the gradient). On a GPU both of its
   low-rank adds, into the output and into the input gradient, are our kernel (finetune/lora_kernels.py), which
-  moves the full-width tensor faster than cuBLAS's addmm_. With `recompute_gelu`,
-  where the layer is an MLP's down projection after a tanh GELU (StarCoder, StarCoder2), the GELU moves inside it,
-  so that only its input is kept for the backward and its output, LoRA's input, is recomputed there instead of
-  held: 24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048, for a second GELU pass (1.1% of an
-  FP8 step). finetune/memory.py turns it on where a run needs the memory.
+  moves the full-width tensor faster than cuBLAS's addmm_. Where the layer is an MLP's down projection after a tanh
+  GELU (StarCoder, StarCoder2), the GELU moves inside it, and on a GPU its backward is done in the same kernel as the
+  add into the input gradient, instead of a pass that reads and writes that gradient again. With `recompute_gelu`
+  only the GELU's input is kept for the backward and its output, LoRA's input, is recomputed there instead of held:
+  24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048, for a second GELU pass (1.1% of an FP8
+  step). finetune/memory.py turns it on where a run needs the memory.
 - `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
   base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
   own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
@@ -57,10 +58,15 @@ def is_tanh_gelu(module) -> bool:
             and getattr(getattr(module, "act", None), "keywords", None) == {"approximate": "tanh"})
 
 
-def _base_forward(rows, weight, weight_scale, bias):
-    if weight_scale is not None:
-        return fp8.forward_rows(rows, weight, weight_scale, bias)
-    return torch.nn.functional.linear(rows, fp8.dequantized(weight), None if bias is None else bias.to(rows.dtype))
+def _base_forward(rows, weight, weight_scale, bias, gelu: bool):
+    """(act(rows), act(rows) W^T + b), act the tanh GELU or the identity; an FP8 base computes the GELU in the pass
+    that quantizes its output (fp8.quantize_rows)."""
+    if weight_scale is None:
+        inputs = _gelu(rows) if gelu else rows
+        return inputs, torch.nn.functional.linear(inputs, fp8.dequantized(weight),
+                                                  None if bias is None else bias.to(rows.dtype))
+    gelu_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if gelu else None
+    return rows if gelu_out is None else gelu_out, fp8.forward_rows(rows, weight, weight_scale, bias, gelu_out)
 
 
 def _base_input_grad(grad_rows, weight, weight_scale):
@@ -69,46 +75,50 @@ def _base_input_grad(grad_rows, weight, weight_scale):
     return grad_rows @ fp8.dequantized(weight)
 
 
-def _add_low_rank_(out, down, up):
-    """out += down @ up in place: our kernel on a GPU where `out` is 16-bit with each row contiguous and the rank is
-    at most 64 (a tile of a bigger one's `up` would not stay in registers) (finetune/lora_kernels.py); addmm_
-    elsewhere and inside a compiled layer (which fuses its own)."""
+def _add_low_rank_(out, down, up, gelu_input=None):
+    """out += down @ up in place, then with `gelu_input` the tanh GELU's backward: our kernel on a GPU where `out` is
+    16-bit with each row contiguous and the rank is at most 64 (a tile of a bigger one's `up` would not stay in
+    registers) (finetune/lora_kernels.py); addmm_ and gelu_backward elsewhere and inside a compiled layer (which
+    fuses its own)."""
     if (not out.is_cuda or torch.compiler.is_compiling() or out.dtype not in (torch.bfloat16, torch.float16)
             or out.stride(1) != 1 or down.dtype != out.dtype or up.dtype != out.dtype or down.shape[1] > 64):
-        return out.addmm_(down, up)
+        out = out.addmm_(down, up)
+        return out if gelu_input is None else torch.ops.aten.gelu_backward(out, gelu_input, approximate="tanh")
     from . import lora_kernels  # Triton, which a CUDA machine's torch brings
 
-    return lora_kernels.add_low_rank_(out, down, up)
+    return lora_kernels.add_low_rank_(out, down, up, gelu_input)
 
 
 class _LoraLinear(torch.autograd.Function):
     """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit), LoRA's
-    B already scaled, act the identity or tanh GELU (`gelu`), whose output is recomputed in the backward."""
+    B already scaled, act the identity or tanh GELU (`gelu`), whose output is kept for the backward or, with
+    `recompute`, computed again there."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool):
+    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool):
         rows = x.reshape(-1, x.shape[-1])
-        inputs = _gelu(rows) if gelu else rows
+        inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu)
         down = inputs @ lora_a.t()
-        out = _add_low_rank_(_base_forward(inputs, weight, weight_scale, bias), down, lora_b.t())
+        out = _add_low_rank_(out, down, lora_b.t())
         ctx.gelu = gelu
-        ctx.save_for_backward(rows, down, lora_a, lora_b, weight, weight_scale)
+        kept = inputs if gelu and not recompute else None
+        ctx.save_for_backward(rows, kept, down, lora_a, lora_b, weight, weight_scale)
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, down, lora_a, lora_b, weight, weight_scale = ctx.saved_tensors
+        rows, kept, down, lora_a, lora_b, weight, weight_scale = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_down = grad @ lora_b
-        grad_a = grad_down.t() @ (_gelu(rows) if ctx.gelu else rows)
+        inputs = (_gelu(rows) if kept is None else kept) if ctx.gelu else rows
+        grad_a = grad_down.t() @ inputs
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a)
-            if ctx.gelu:
-                grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
+            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a,
+                                     rows if ctx.gelu else None)
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
-        return grad_in, grad_a, grad_b, None, None, None, None
+        return grad_in, grad_a, grad_b, None, None, None, None, None
 
 
 def _frozen_base(layer, x):
@@ -137,12 +147,12 @@ def can_recompute_gelu(args) -> bool:
 def _fused_lora_forward(self, x, *args, **kwargs):
     """peft's lora.Linear forward as one _LoraLinear where it applies, else with B, its scale and the add in one
     addmm; any case but the plain one is peft's own. A down projection whose GELU moved here applies it first."""
-    gelu = getattr(self, "_gelu_input", False)
+    gelu = getattr(self, "_gelu_input", None)
     name = _plain_adapter(self, x, args, kwargs)
     base = _frozen_base(self, x) if name is not None else None
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
-        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu)
+        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute")
     if gelu:
         x = _gelu(x)
     if name is None:
@@ -190,7 +200,7 @@ class _Siblings:
         name = self.layers[0].active_adapters[0]
         down = torch.cat([layer.lora_A[name].weight for layer in self.layers])
         up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False)
+        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False)
         # A slice that attention saves for the backward (v) would keep the whole output alive: the small ones are
         # copied out (k and v are 7% each of StarCoder2-15B's q/k/v width).
         return [part if 4 * size >= out.shape[-1] else part.contiguous()
@@ -204,15 +214,15 @@ def _sibling_forward(self, x, *args, **kwargs):
 
 
 def recomputes_gelu(model) -> bool:
-    """Whether fuse_lora moved an MLP's GELU into its down projection, to recompute its output in the backward."""
-    return any(getattr(module, "_gelu_input", False) for module in model.modules())
+    """Whether fuse_lora made an MLP's down projection recompute its GELU's output in the backward."""
+    return any(getattr(module, "_gelu_input", None) == "recompute" for module in model.modules())
 
 
 def fuse_lora(model, recompute_gelu: bool = False) -> int:
-    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (with
-    `recompute_gelu`, a down projection adapted after a tanh GELU the GELU too), and sibling layers over FP8 bases
-    their shared forward; returns how many layers were fused. Call it once the model is on its device (a sibling's
-    weight is a view of the shared one)."""
+    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (a
+    down projection adapted after a tanh GELU the GELU too, its output recomputed in the backward with
+    `recompute_gelu`), and sibling layers over FP8 bases their shared forward; returns how many layers were fused.
+    Call it once the model is on its device (a sibling's weight is a view of the shared one)."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0
@@ -220,11 +230,11 @@ def fuse_lora(model, recompute_gelu: bool = False) -> int:
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
             module.forward = types.MethodType(_fused_lora_forward, module)
             fused += 1
-    for module in list(model.modules()) if recompute_gelu else ():
+    for module in list(model.modules()):
         activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
         forward = getattr(getattr(down, "forward", None), "__func__", None)  # no down projection: None
         if is_tanh_gelu(activation) and forward is _fused_lora_forward:
-            down._gelu_input = True  # its forward applies the GELU, on every path
+            down._gelu_input = "recompute" if recompute_gelu else "keep"  # its forward applies the GELU, on every path
             setattr(module, ACTIVATION_THEN_DOWN[0], torch.nn.Identity())
     for module in list(model.modules()):
         for names in SIBLINGS:

@@ -119,21 +119,30 @@ _KERNELS_ON_THE_INTERPRETER = """
 import torch
 from finetune import fp8, fp8_kernels
 
+def check(values, scales, expected, expected_scales):
+    assert values.dtype == fp8.E4M3 and values.shape == expected.shape and scales.shape == (expected.shape[0], 1)
+    torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+    step = expected.float().abs() / 8 + 2 ** -6  # one e4m3 step at the value, or the subnormal range
+    power_of_two = expected.float().abs().log2().frac() == 0
+    assert ((values.float() - expected.float()).abs() <= step)[~power_of_two].all()
+    assert (values.float() == expected.float()).float().mean() > 0.95
+    assert values[0, 5] == 0 and (values[1] == 0).all() and scales[1].item() > 0
+
 torch.manual_seed(0)
 for rows, width in ((3, 700), (2, 1500), (2, 9000)):  # one chunk; two; three of the wide kind
-    x = torch.randn(rows, width).to(torch.bfloat16)
+    x = (torch.randn(rows, width) * 3).to(torch.bfloat16)
     x[0, 5] = 0  # an exact zero stays zero
     x[1] = 0  # a row of zeros: its scale is clamped, not a division by zero
     for column_scale in (None, torch.rand(width) + 0.5):
-        values, scales = fp8_kernels.quantize_rows(x, column_scale)
-        expected, expected_scales = fp8._quantize_rows(x, None if column_scale is None else column_scale.view(1, -1))
-        assert values.dtype == fp8.E4M3 and values.shape == x.shape and scales.shape == (rows, 1)
-        torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
-        step = expected.float().abs() / 8 + 2 ** -6  # one e4m3 step at the value, or the subnormal range
-        power_of_two = expected.float().abs().log2().frac() == 0
-        assert ((values.float() - expected.float()).abs() <= step)[~power_of_two].all()
-        assert (values.float() == expected.float()).float().mean() > 0.95
-        assert values[0, 5] == 0 and (values[1] == 0).all() and scales[1].item() > 0
+        check(*fp8_kernels.quantize_rows(x, column_scale),
+              *fp8._quantize_rows(x, None if column_scale is None else column_scale.view(1, -1)))
+    # the GELU in the same pass: its output within one bf16 step (truncated here) of the exact one, and the rows
+    # quantized are that output as written
+    activations = torch.full_like(x, float("nan"))
+    values, scales = fp8_kernels.quantize_rows(x, gelu_out=activations)
+    exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    assert ((activations.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
+    check(values, scales, *fp8._quantize_rows(activations))
 
 weight = torch.randn(300, 130).to(fp8.E4M3)
 assert torch.equal(fp8_kernels.transposed(weight).view(torch.uint8), weight.t().contiguous().view(torch.uint8))

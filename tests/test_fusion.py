@@ -78,23 +78,27 @@ def saved_bytes(model, ids) -> int:
     return sum(storages.values())
 
 
-def test_an_adapted_down_projection_recomputes_its_gelu_instead_of_keeping_it():
-    model = lora_model("tiny-starcoder", "c_attn,c_proj", torch.bfloat16)
+def test_an_adapted_down_projection_applies_its_gelu_and_recomputes_its_output_where_asked():
+    """The GELU moves into the down projection (its backward fused there on a GPU); the GELU's output is kept once,
+    as before, or with `recompute_gelu` not at all."""
     ids = torch.randint(20, 4000, (2, 24))
-    with torch.no_grad(), model.disable_adapter():
-        base_logits = model(input_ids=ids).logits
-    before = saved_bytes(model, ids)
-    mlp = model.get_base_model().transformer.h[0].mlp
-    fusion.fuse_lora(model)  # by default the GELU stays where it is (finetune/memory.py decides)
-    assert not isinstance(mlp.act, torch.nn.Identity)
-    fusion.fuse_lora(model, recompute_gelu=True)
-    assert isinstance(mlp.act, torch.nn.Identity) and mlp.c_proj._gelu_input
-    config = model.config
+    keep, recompute = (lora_model("tiny-starcoder", "c_attn,c_proj", torch.bfloat16) for _ in range(2))
+    with torch.no_grad(), keep.disable_adapter():
+        base_logits = keep(input_ids=ids).logits
+    before = saved_bytes(keep, ids)
+    fusion.fuse_lora(keep)
+    fusion.fuse_lora(recompute, recompute_gelu=True)
+    for model, kind in ((keep, "keep"), (recompute, "recompute")):
+        mlp = model.get_base_model().transformer.h[0].mlp
+        assert isinstance(mlp.act, torch.nn.Identity) and mlp.c_proj._gelu_input == kind
+    assert not fusion.recomputes_gelu(keep) and fusion.recomputes_gelu(recompute)
+    config = keep.config
     gelu_outputs = ids.numel() * config.n_inner * config.n_layer * 2  # bf16
-    scaled_b = sum(p.numel() * 2 for n, p in model.named_parameters() if "lora_B" in n)  # B x scale, kept instead
-    assert before - saved_bytes(model, ids) >= gelu_outputs - scaled_b
-    with torch.no_grad(), model.disable_adapter():  # peft's own path applies the moved GELU too
-        assert torch.equal(model(input_ids=ids).logits, base_logits)
+    scaled_b = sum(p.numel() * 2 for n, p in keep.named_parameters() if "lora_B" in n)  # B x scale, kept instead
+    assert saved_bytes(keep, ids) <= before + scaled_b
+    assert before - saved_bytes(recompute, ids) >= gelu_outputs - scaled_b
+    with torch.no_grad(), keep.disable_adapter():  # peft's own path applies the moved GELU too
+        assert torch.equal(keep(input_ids=ids).logits, base_logits)
 
 
 def test_autocast_and_dropout_take_peft_s_path_with_the_same_result(monkeypatch):
@@ -212,7 +216,8 @@ def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypa
 
 # LoRA's low-rank add as the GPU runs it (finetune/lora_kernels.py), on Triton's CPU interpreter: rows and columns
 # that do not fill a tile, ranks below, at and above the 16 of a tile, B^T as the forward passes it (a transposed
-# view) and A as the backward does (contiguous), and a `down` in either layout. The interpreter's cast to bf16
+# view) and A as the backward does (contiguous), a `down` in either layout, and with the GELU's backward after it (an
+# MLP's down projection). The interpreter's cast to bf16
 # truncates where the GPU's rounds to nearest, so each sum is checked against the exact one truncated (and within
 # one bf16 step of it).
 _LOW_RANK_ADD_ON_THE_INTERPRETER = """
@@ -231,6 +236,14 @@ for rows, columns, rank in ((70, 300, 16), (130, 520, 8), (64, 256, 32)):
         assert lora_kernels.add_low_rank_(got, down, up) is got
         assert ((got.double() - exact).abs() <= exact.abs() * 2**-7).all()
         assert (got.float() == truncated).float().mean() > 0.99
+        # with the GELU's backward after the add, from its input in either layout: the exact one (aten's in fp64) of
+        # the sum as stored
+        for gelu_input in (torch.randn(rows, columns) * 3, (torch.randn(columns, rows) * 3).t()):
+            gelu_input = gelu_input.to(torch.bfloat16)
+            expected = torch.ops.aten.gelu_backward(truncated.double(), gelu_input.double(), approximate="tanh")
+            got = out.clone()
+            assert lora_kernels.add_low_rank_(got, down, up, gelu_input) is got
+            assert ((got.double() - expected).abs() <= expected.abs() * 2**-7 + 1e-6).all()
 print("low-rank add ok")
 """
 
