@@ -182,7 +182,7 @@ class TrainArguments:
                 "bitsandbytes layers (fp16 always uses autocast with a loss scaler)."})
     fuse_lora: bool = field(default=True, metadata={
         "help": "Each LoRA layer as one computation with its base, and projections that read the same input "
-                "(q/k/v, gate/up) over an FP8 base as one, and the MLP's GELU in its down projection's passes "
+                "(q/k/v, gate/up) over an FP8 base as one, and the MLP's GELU in the pass that quantizes its output "
                 "(finetune/fusion.py): the same sums in fewer passes; where a run would not fit otherwise, the GELU's "
                 "output is recomputed in the backward instead of kept (15 GiB less for StarCoder-15B at 4 x 2048; "
                 "docs/PERFORMANCE.md)."})

@@ -13,12 +13,20 @@ import triton
 import triton.language as tl
 
 from .fp8 import E4M3, E4M3_MAX
-from .gelu_kernels import tanh_gelu
 
 # (values a chunk, warps) by row width: the fastest of bench/fp8_gemms.py's sweep on an H100 (2026-12-06) at 8,192
 # rows of StarCoder-15B's widths: 1,024 and 4 up to 8,192 wide, 4,096 and 16 beyond. A row wider than its chunk is
 # read twice, for its amax and then to scale it, the second time from L2.
 NARROW, WIDE = (1024, 4), (4096, 16)
+
+
+@triton.jit
+def _tanh_gelu(x):
+    """x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3) (Hendrycks and Gimpel 2016, eq. 3; PyTorch's
+    approximate="tanh"), in fp32, with 1 + tanh u = 2 / (1 + exp(-2u)): Triton's CPU interpreter has exp but no tanh,
+    and where tanh u is near -1 (x below about -3) this keeps the precision that 1 + tanhf(u) loses."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * u))  # exp overflows to inf, the quotient to 0, for x below about -10
 
 
 @triton.jit
@@ -43,7 +51,7 @@ def _quantize_rows_kernel(x, column_scale, values, scales, gelu_out, x_stride, w
     for start in range(0, width, block):  # the row's amax
         v, columns, inside = _chunk(source, column_scale, start, width, has_column_scale, block)
         if gelu:  # quantize the GELU's output as the model holds it, in x's dtype, which is stored for the rest
-            activation = tanh_gelu(v).to(gelu_out.dtype.element_ty)
+            activation = _tanh_gelu(v).to(gelu_out.dtype.element_ty)
             tl.store(activations + columns, activation, mask=inside)
             v = activation.to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))

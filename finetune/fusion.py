@@ -9,8 +9,8 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   autograd sums (no faster as measured: the epilogue still reads and writes the gradient). On a GPU both of its
   low-rank adds, into the output and into the input gradient, are our kernel (finetune/lora_kernels.py), which
   moves the full-width tensor faster than cuBLAS's addmm_. Where the layer is an MLP's down projection after a tanh
-  GELU (StarCoder, StarCoder2), the GELU moves inside it, and on a GPU its backward is done in the same kernel as the
-  add into the input gradient, instead of a pass that reads and writes that gradient again. With `recompute_gelu`
+  GELU (StarCoder, StarCoder2), the GELU moves inside it, and over an FP8 base on a GPU it is computed in the pass
+  that quantizes its output (finetune/fp8_kernels.py) instead of a pass of its own. With `recompute_gelu`
   only the GELU's input is kept for the backward and its output, LoRA's input, is recomputed there instead of held:
   24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048, for a second GELU pass (1.1% of an FP8
   step). finetune/memory.py turns it on where a run needs the memory.
@@ -75,18 +75,16 @@ def _base_input_grad(grad_rows, weight, weight_scale):
     return grad_rows @ fp8.dequantized(weight)
 
 
-def _add_low_rank_(out, down, up, gelu_input=None):
-    """out += down @ up in place, then with `gelu_input` the tanh GELU's backward: our kernel on a GPU where `out` is
-    16-bit with each row contiguous and the rank is at most 64 (a tile of a bigger one's `up` would not stay in
-    registers) (finetune/lora_kernels.py); addmm_ and gelu_backward elsewhere and inside a compiled layer (which
-    fuses its own)."""
+def _add_low_rank_(out, down, up):
+    """out += down @ up in place: our kernel on a GPU where `out` is 16-bit with each row contiguous and the rank is
+    at most 64 (a tile of a bigger one's `up` would not stay in registers) (finetune/lora_kernels.py); addmm_
+    elsewhere and inside a compiled layer (which fuses its own)."""
     if (not out.is_cuda or torch.compiler.is_compiling() or out.dtype not in (torch.bfloat16, torch.float16)
             or out.stride(1) != 1 or down.dtype != out.dtype or up.dtype != out.dtype or down.shape[1] > 64):
-        out = out.addmm_(down, up)
-        return out if gelu_input is None else torch.ops.aten.gelu_backward(out, gelu_input, approximate="tanh")
+        return out.addmm_(down, up)
     from . import lora_kernels  # Triton, which a CUDA machine's torch brings
 
-    return lora_kernels.add_low_rank_(out, down, up, gelu_input)
+    return lora_kernels.add_low_rank_(out, down, up)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -115,8 +113,9 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a,
-                                     rows if ctx.gelu else None)
+            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a)
+            if ctx.gelu:
+                grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
         return grad_in, grad_a, grad_b, None, None, None, None, None
 

@@ -1,6 +1,6 @@
 """LoRA's low-rank term added into a full-width tensor in place, `out += down @ up`, as one Triton kernel on a GPU:
 the forward's B term into the base layer's output, and the backward's A term into the input gradient
-(finetune/fusion.py), there with the GELU's backward where the layer is an MLP's down projection.
+(finetune/fusion.py).
 
 Why our own: with a rank of 16 the product is cheap and the cost is reading and writing `out` once, which cuBLAS's
 addmm_ does at about 55% of an H100's memory bandwidth; one tile of `out` per program, its rank-r product made in
@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu_kernels import tanh_gelu_derivative
-
 # (rows, columns) of `out` a program, from bench/fp8_gemms.py's sweep on an H100 (2026-12-06): within 5% of the
 # fastest block for every output, 11% for the widest input gradient (32 x 512 wins there, loses on outputs); 64 x 256,
 # as fast on outputs, was 40-50% slower on input gradients (A contiguous) and gave the step nothing.
@@ -23,9 +21,8 @@ BLOCK = (128, 128)
 
 
 @triton.jit
-def _add_low_rank_kernel(out, down, up, gelu_input, rows, columns, rank, out_stride, down_stride_r, down_stride_k,
-                         up_stride_k, up_stride_c, gelu_stride_r, gelu_stride_c, has_gelu: tl.constexpr,
-                         block_rows: tl.constexpr, block_columns: tl.constexpr, block_rank: tl.constexpr):
+def _add_low_rank_kernel(out, down, up, rows, columns, rank, out_stride, down_stride_r, down_stride_k, up_stride_k,
+                         up_stride_c, block_rows: tl.constexpr, block_columns: tl.constexpr, block_rank: tl.constexpr):
     r = tl.program_id(0) * block_rows + tl.arange(0, block_rows)
     c = tl.program_id(1) * block_columns + tl.arange(0, block_columns)
     k = tl.arange(0, block_rank)
@@ -38,24 +35,17 @@ def _add_low_rank_kernel(out, down, up, gelu_input, rows, columns, rank, out_str
     # in fp32 (TF32 tensor cores: exact for 16-bit inputs, whose mantissas fit TF32's), as Triton's CPU interpreter
     # has no bf16 product for tests to check
     total = tl.load(target, mask=inside).to(tl.float32) + tl.dot(d.to(tl.float32), u.to(tl.float32))
-    if has_gelu:  # the sum is the gradient of a GELU's output, rounded as the unfused path stores it
-        x = tl.load(gelu_input + r[:, None].to(tl.int64) * gelu_stride_r + c[None, :] * gelu_stride_c, mask=inside)
-        total = total.to(out.dtype.element_ty).to(tl.float32) * tanh_gelu_derivative(x.to(tl.float32))
     tl.store(target, total.to(out.dtype.element_ty), mask=inside)
 
 
-def add_low_rank_(out: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gelu_input: torch.Tensor | None = None,
+def add_low_rank_(out: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                   block: tuple[int, int] | None = None) -> torch.Tensor:
     """out.addmm_(down, up) for `out` (rows, columns) in 16 bits with each row contiguous, `down` (rows, r) and `up`
-    (r, columns) in out's dtype, each in any layout. With `gelu_input` (out's shape), `out` then becomes the gradient
-    of the tanh GELU's input, `aten.gelu_backward(out, gelu_input)`: the pass that would read and write `out` again.
-    `block` (rows, columns) overrides BLOCK (the bench's sweep)."""
+    (r, columns) in out's dtype, each in any layout. `block` (rows, columns) overrides BLOCK (the bench's sweep)."""
     rows, columns = out.shape
     rank = down.shape[1]
     block_rows, block_columns = block or BLOCK
-    has_gelu = gelu_input is not None
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
-    _add_low_rank_kernel[grid](out, down, up, gelu_input if has_gelu else out, rows, columns, rank, out.stride(0),
-                               *down.stride(), *up.stride(), *(gelu_input if has_gelu else out).stride(), has_gelu,
+    _add_low_rank_kernel[grid](out, down, up, rows, columns, rank, out.stride(0), *down.stride(), *up.stride(),
                                block_rows, block_columns, max(16, triton.next_power_of_2(rank)))
     return out
