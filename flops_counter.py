@@ -63,7 +63,7 @@ def span(seq_len: int, window: int | None) -> float:
     return (window**2 + (seq_len - window) * (2 * window - 1)) / seq_len
 
 
-def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -> FlopsPerToken:
+def flops_per_token(model, seq_len: int, gradient_checkpointing: bool | None = False) -> FlopsPerToken:
     """FLOPs per trained token of one forward and backward pass of `model` on sequences of `seq_len` tokens.
 
     Convention (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", section 5.1;
@@ -78,7 +78,9 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
       caps the positions a token sees: seq_len becomes `span(seq_len, window)`. Rotary positions and grouped-query
       key/value heads add no matmul here (their projections are linear layers);
     - activation checkpointing recomputes the forward of every checkpointed decoder layer once more: that is
-      hardware FLOPs, not model FLOPs.
+      hardware FLOPs, not model FLOPs. `gradient_checkpointing`: True, every decoder layer; None, each as it is set
+      (its `gradient_checkpointing`, which transformers' gradient_checkpointing_enable sets; finetune may leave
+      the last layers out).
     Layers are read from the model's module tree (its Linear and Conv1D modules, quantized or not, LoRA adapters
     included), whose registration order follows the forward pass in Hugging Face causal LMs; heads and head size
     come from the config. Embedding lookups cost no FLOPs; a tied LM head is a full matmul and is counted.
@@ -107,7 +109,8 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool = False) -
         shape = _linear_shape(module)
         if shape is not None:
             return linear(module, shape, gradient_flows, checkpointed)
-        checkpointed = checkpointed or (gradient_checkpointing and isinstance(module, GradientCheckpointingLayer))
+        if isinstance(module, GradientCheckpointingLayer):
+            checkpointed = module.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         children = [c for c in module.children() if any(_linear_shape(m) for m in c.modules())]
         if not block or len(children) < 2:
             is_layer = isinstance(module, GradientCheckpointingLayer)
@@ -213,10 +216,10 @@ class TFLOPSCallback(TrainerCallback):
 
     # -- set-up: FLOPs per token, and a hook that counts the tokens each training forward sees ---------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         # A sequence's cost: linear layers per token, plus each attention layer per position by the positions it
-        # sees (n^2 over a sequence of n without a window), counted per window: `flops_per_token`'s spans.
-        self.flops = flops_per_token(model, 0, checkpointing)
+        # sees (n^2 over a sequence of n without a window), counted per window: `flops_per_token`'s spans; with
+        # each decoder layer's checkpointing as it is set.
+        self.flops = flops_per_token(model, 0, gradient_checkpointing=None)
         self.windows = list(self.flops.attention_per_span)
         self.device = next(model.parameters()).device
         # tokens, examples, then per window: the sum over positions p of 2 min(p, window - 1) + 1

@@ -41,7 +41,8 @@ from flops_counter import peak_tflops  # noqa: E402
 # the tutorial's; "qlora" the common QLoRA recipe (TRL's and the personal-copilot examples: NF4, bf16 autocast,
 # fp32 upcasts, gradient checkpointing); "bf16_lora" LoRA on an unquantized bf16 base with peft's defaults; "fast",
 # "fp8" and "lean" are ours (docs/PERFORMANCE.md); "fast_joined" is "fast" with examples joined in their block
-# (attention across them, StarCoder's attention dropout on), as packing worked before per-example attention.
+# (attention across them, StarCoder's attention dropout on), as packing worked before per-example attention; "_all"
+# checkpoints every layer, where the recipe checkpoints only as many as the GPU's memory needs.
 RECIPES = {
     "tutorial": cli.RECIPES["tutorial"],
     "qlora": cli.RECIPES["qlora"],
@@ -67,8 +68,11 @@ RECIPES = {
     "long_fast": dict(cli.RECIPES["long"], quantization="4bit"),
     "fp8_lean": cli.RECIPES["fp8_lean"],
     "fp8_lean_b3": dict(cli.RECIPES["fp8_lean"], batch_size=3),
+    "fp8_lean_all": dict(cli.RECIPES["fp8_lean"], checkpointed_layers="all"),
     "lean": cli.RECIPES["lean"],
+    "lean_all": dict(cli.RECIPES["lean"], checkpointed_layers="all"),
     "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
+    "lean_b2_all": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all"),
 }
 
 
@@ -186,8 +190,9 @@ def run_one(name: str, options) -> dict:
         del state_dict
         load_seconds = time.perf_counter() - started
         recompute_gelu = fusion.recomputes_gelu(model)
+        checkpointed = sum(layer.gradient_checkpointing for layer in modeling.decoder_layers(model))
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
-                                    args.seq_length, args.gradient_checkpointing, args.fp32_upcast,
+                                    args.seq_length, checkpointed, args.fp32_upcast,
                                     recompute_gelu=recompute_gelu)["total"]
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
         fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
@@ -209,7 +214,7 @@ def run_one(name: str, options) -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"recipe": name, **recipe, "family": options.family, "size": options.size, "data": options.data,
               "fim_rate": options.fim_rate, "memory_cap_gib": options.memory_cap_gib, "load_seconds": load_seconds,
-              "recompute_gelu": recompute_gelu,
+              "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed,
               "estimated_memory_gib": estimated,
               **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
@@ -417,14 +422,14 @@ def main(options) -> list[dict]:
     print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{notes}, "
           f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
           f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak")
-    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>4s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>5s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'MFU8':>6s} {'peak GiB':>8s}")
     for row in results:
         if "tokens_per_second" not in row:
             print(f"{row['recipe']:18s} {row['status']}: {row['error']}")
             continue
         print(f"{row['recipe']:18s} {row.get('quantization', '4bit'):5s} {row['batch_size']:>4d} x "
-              f"{row['seq_length']:<4d} {'yes' if row.get('gradient_checkpointing') else 'no':>4s} "
+              f"{row['seq_length']:<4d} {row.get('checkpointed_layers', 0):>5d} "
               f"{row['tokens_per_second']:9.0f} {row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} "
               f"{row['model_tflops'] / (row.get('fp8_peak_tflops') or math.inf):6.1%} "
               f"{row.get('peak_memory_gib', 0):8.1f}")

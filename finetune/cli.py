@@ -7,6 +7,7 @@ run_clm.py does), and `run` turns a UsageError into one `error: ...` line and ex
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -167,10 +168,15 @@ class TrainArguments:
                 "long = whole files at StarCoder's full 8,192 tokens, 1 per batch, FP8 base (StarCoder2's 16,384: "
                 "add --seq_length 16384 --gradient_checkpointing); fp8_lean = FP8 base, packed 2 x 2048 with "
                 "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 1 x 2048 "
-                "with checkpointing (StarCoder-15B in about 11 GiB); qlora = the common QLoRA recipe; tutorial = the "
+                "with checkpointing (StarCoder-15B in 11 GiB with every layer checkpointed); both checkpoint only the "
+                "layers the GPU needs (--checkpointed_layers fit); qlora = the common QLoRA recipe; tutorial = the "
                 "tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about a quarter slower."})
+    checkpointed_layers: str = field(default="all", metadata={
+        "help": "With --gradient_checkpointing, which decoder layers recompute their activations: all; a number n, "
+                "the first n, the rest keep theirs and skip the recompute; or fit, the fewest that let the run fit "
+                "the GPU's memory less 1 GiB by finetune/memory.py's estimate (all on the CPU)."})
     fp32_upcast: bool = field(default=False, metadata={
         "help": "Keep fp32 copies of norms, embeddings and LM head (peft's prepare_model_for_kbit_training): the "
                 "classic QLoRA set-up; slower and larger, and bf16 norms train fine (docs/PERFORMANCE.md)."})
@@ -234,7 +240,7 @@ class TrainArguments:
                      "learning_rate",
                      "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "eval_steps", "logging_steps"),
-        "speed": ("recipe", "gradient_checkpointing", "fp32_upcast", "fp32_adapter", "mixed_precision",
+        "speed": ("recipe", "gradient_checkpointing", "checkpointed_layers", "fp32_upcast", "fp32_adapter", "mixed_precision",
                   "fuse_lora", "compile_layers", "check_memory"),
         "output and resume": ("output_dir", "resume", "overwrite_output_dir", "grace_period_seconds"),
         "W&B": ("report_to", "wandb_project"),
@@ -286,6 +292,12 @@ class TrainArguments:
         require(0 <= self.humaneval_limit <= HUMANEVAL_PROBLEMS, f"--humaneval_limit must be 0 (all "
                                                                  f"{HUMANEVAL_PROBLEMS} problems) to "
                                                                  f"{HUMANEVAL_PROBLEMS}, got {self.humaneval_limit}")
+        layers = self.checkpointed_layers = self.checkpointed_layers.strip()
+        require(layers in ("all", "fit") or re.fullmatch("[0-9]{1,6}", layers) is not None,
+                f"--checkpointed_layers must be all, fit or a number of layers, got {layers!r}")
+        require(self.gradient_checkpointing or layers == "all",
+                f"--checkpointed_layers {layers} chooses among the layers --gradient_checkpointing checkpoints: add "
+                f"it (with --gradient_checkpointing false, --recipe lean and fp8_lean need --checkpointed_layers all)")
         if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
             raise UsageError(f"--quantization fp8 computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} "
                              f"cannot be used with it")
@@ -317,9 +329,11 @@ RECIPES = {
     # 80 GB without FP8 (A100): no dequantization; fits 4 x 2048 with the GELU recomputed (finetune/memory.py)
     "bf16": dict(quantization="none", batch_size=4, seq_length=2048, packing=True),
     "long": dict(quantization="fp8", batch_size=1, seq_length=8192, packing=True),
-    # 24 GB: the FP8 base (15.1 GiB for StarCoder-15B) leaves room for 2 x 2048 with checkpointing (finetune/memory.py)
-    "fp8_lean": dict(quantization="fp8", batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True),
-    "lean": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True),
+    # 24 GB: the FP8 base (15.1 GiB for StarCoder-15B) leaves room for 2 x 2048 with checkpointing (finetune/memory.py),
+    # of fewer layers where the card has room
+    "fp8_lean": dict(quantization="fp8", batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True,
+                     checkpointed_layers="fit"),
+    "lean": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True, checkpointed_layers="fit"),
     "qlora": dict(_CLASSIC, batch_size=8, seq_length=2048, packing=True, gradient_checkpointing=True),
     "tutorial": dict(_CLASSIC, quantization="8bit", dtype="float16", batch_size=1, seq_length=512),
 }

@@ -12,8 +12,9 @@ The estimate (GiB, and what is in it):
   post-activation too where LoRA adapts the down projection, which needs its input, unless the fused path recomputes
   that input (a tanh GELU's output, finetune/fusion.py). Calibrated on StarCoder-15B, LoRA on c_attn and c_proj,
   and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200 (docs/PERFORMANCE.md);
-  with activation checkpointing each layer keeps only its input, and one layer's activations are rebuilt at a time;
-  with --fp32_upcast they are fp32;
+  with activation checkpointing a checkpointed layer keeps only its input, and rebuilds the rest in the backward,
+  one layer at a time, after the layers that kept theirs (the last ones) have freed them; with --fp32_upcast they
+  are fp32;
 - the loss: the chunked head's logits for 2,048 tokens at a time (bf16 logits, their fp32 copy and gradient), or
   every token's without it (FSDP);
 - the backward's largest activation gradients, and 1.5 GiB for the CUDA context and the allocator's slack.
@@ -33,6 +34,10 @@ GIB = 2**30
 WEIGHT_BYTES = {"4bit": 0.52, "8bit": 1.0, "fp8": 1.0, "none": 2.0}
 HIDDEN_VALUES = 6.0  # activation values kept per token and layer, in hiddens (besides the MLP's)
 OVERHEAD_GIB = 1.5
+# --checkpointed_layers fit plans to the card's memory less this: a desktop's display or another process may hold
+# some of it, which the card's size does not tell. With it, fp8_lean on a 24 GiB card peaks near 21 GiB (22.4 and
+# 20.3 GiB measured where its estimate came to 24.0 and 21.8, H200, 2026-12-06: docs/PERFORMANCE.md).
+FIT_MARGIN_GIB = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,10 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
                  mlp_recomputable=recomputable, vocab=config.vocab_size)
 
 
-def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointing: bool,
+def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointed_layers: int,
              fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False) -> dict[str, float]:
-    """GiB by component, and `total`: the peak of a training step (`recompute_gelu`: fusion.fuse_lora's)."""
+    """GiB by component, and `total`: the peak of a training step with its first `checkpointed_layers` decoder layers
+    checkpointed (`recompute_gelu`: fusion.fuse_lora's)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
@@ -88,10 +94,9 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     # bytes per token; with fp32 norms (--fp32_upcast) the residual stream and what it feeds are fp32
     kept = shape.mlp_kept - (shape.mlp_recomputable if recompute_gelu else 0)
     per_layer = compute * (HIDDEN_VALUES * shape.hidden + kept)
-    if checkpointing:
-        activations = tokens * (shape.layers * compute * shape.hidden + per_layer)
-    else:
-        activations = tokens * shape.layers * per_layer
+    # at the forward's end, the layers that kept theirs; later, once they are freed, one checkpointed layer rebuilt
+    kept_or_rebuilt = max(shape.layers - checkpointed_layers, 1 if checkpointed_layers else 0)
+    activations = tokens * (checkpointed_layers * compute * shape.hidden + kept_or_rebuilt * per_layer)
     loss_tokens = min(tokens, 2048) if chunked_loss else tokens
     parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
              "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2}
@@ -110,28 +115,64 @@ def device_gib() -> float | None:
     return torch.cuda.get_device_properties(gpu).total_memory / GIB * fraction
 
 
-def gelu_recompute_needed(args, config, lora_targets: list[str], chunked_loss: bool = True) -> bool:
-    """Recompute the MLP's GELU in the backward (fusion.fuse_lora) only where the run would not fit the GPU without
-    it: it costs 1.1% of an FP8 step (docs/PERFORMANCE.md, H100, 2026-12-06), and on an 80 GB card it fits a bf16
-    base at 4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B."""
+def requested_checkpointed_layers(args, layers: int) -> int | None:
+    """How many decoder layers (the first ones) --gradient_checkpointing and --checkpointed_layers ask to checkpoint
+    in a model of `layers`; None for `fit`, which plan() decides."""
+    if not args.gradient_checkpointing:
+        return 0
+    if args.checkpointed_layers == "fit":
+        return None
+    if args.checkpointed_layers == "all":
+        return layers
+    count = int(args.checkpointed_layers)
+    if count > layers:
+        raise UsageError(f"--checkpointed_layers {count} is more than the model's {layers} decoder layers; give "
+                         f"{layers} or fewer, or all")
+    return count
+
+
+def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tuple[int, bool]:
+    """(checkpointed layers, recompute the GELU): how the run keeps its activations within the GPU's memory.
+
+    With --checkpointed_layers fit, the fewest checkpointed layers whose estimate fits the card less FIT_MARGIN_GIB:
+    each one left out skips its forward's recompute (StarCoder-15B on an H200, 2026-12-06: fp8_lean 9,475 tokens/s
+    with all 40 checkpointed, 9,882 with 31; lean 5,333 and 5,803 with 21; docs/PERFORMANCE.md); and the GELU
+    recomputed (fusion.fuse_lora) where that leaves out more of them: its second pass costs 1.1% of a step. Otherwise
+    the layers asked for, and the GELU recomputed only where the run would not fit without it: on an 80 GB card it
+    fits a bf16 base at 4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B. On the CPU: the layers asked for (fit:
+    all), the GELU kept."""
+    shape = shape_of(config, args.lora_r, lora_targets)
+    requested = requested_checkpointed_layers(args, shape.layers)
     available = device_gib()
-    if available is None or not fusion.can_recompute_gelu(args):
-        return False
-    kept = estimate(shape_of(config, args.lora_r, lora_targets), args.quantization, args.batch_size, args.seq_length,
-                    args.gradient_checkpointing, args.fp32_upcast, chunked_loss)
-    return kept["total"] > available
+    if available is None:
+        return (shape.layers if requested is None else requested), False
+    can_recompute = fusion.can_recompute_gelu(args)
+
+    def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
+        return estimate(shape, args.quantization, args.batch_size, args.seq_length, checkpointed, args.fp32_upcast,
+                        chunked_loss, recompute_gelu)["total"] <= budget
+
+    if requested is None:
+        budget = available - FIT_MARGIN_GIB
+        keeping, recomputing = (next((n for n in range(shape.layers + 1) if fits(n, recompute, budget)), math.inf)
+                                for recompute in (False, can_recompute))
+        if recomputing < keeping:
+            return recomputing, True
+        requested = min(keeping, shape.layers)  # where nothing fits: all, which the memory check has weighed
+    return requested, can_recompute and not fits(requested, False)
 
 
 def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> dict | None:
     """Refuse, before anything loads, a run whose estimate exceeds the GPU's memory, naming the changes that would
     fit. Returns the estimate (None on the CPU, or with --check_memory false)."""
+    shape = shape_of(config, args.lora_r, lora_targets)
+    requested = requested_checkpointed_layers(args, shape.layers)
     available = device_gib()
     if available is None or not args.check_memory:
         return None
-    shape = shape_of(config, args.lora_r, lora_targets)
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
-                    checkpointing=args.gradient_checkpointing, fp32_upcast=args.fp32_upcast,
-                    recompute_gelu=fusion.can_recompute_gelu(args))
+                    checkpointed_layers=shape.layers if requested is None else requested,
+                    fp32_upcast=args.fp32_upcast, recompute_gelu=fusion.can_recompute_gelu(args))
     needed = estimate(shape, **settings, chunked_loss=chunked_loss)
     if needed["total"] <= available:
         return needed
@@ -144,13 +185,16 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
         return found
 
     smaller = sorted({args.batch_size // 2, 1} - {0, args.batch_size}, reverse=True)
-    found = fitting({"--gradient_checkpointing": dict(checkpointing=True),
+    every, checkpointed = shape.layers, settings["checkpointed_layers"]
+    all_layers = "--checkpointed_layers all" if args.gradient_checkpointing else "--gradient_checkpointing"
+    found = fitting({all_layers: dict(checkpointed_layers=every),
                      **{f"--batch_size {b}": dict(batch_size=b) for b in smaller},
                      "--quantization 4bit": dict(quantization="4bit")}) or \
-        fitting({"--gradient_checkpointing --quantization 4bit": dict(checkpointing=True, quantization="4bit"),
-                 "--gradient_checkpointing --batch_size 1": dict(checkpointing=True, batch_size=1)})
+        fitting({"--gradient_checkpointing --quantization 4bit": dict(checkpointed_layers=every, quantization="4bit"),
+                 "--gradient_checkpointing --batch_size 1": dict(checkpointed_layers=every, batch_size=1)})
     advice = f"; this would fit: {' or '.join(found)}" if found else "; nothing simple fits: use a smaller model"
+    state = "off" if not checkpointed else "on" if checkpointed == every else f"on in {checkpointed} of {every} layers"
     raise UsageError(f"this run needs about {needed['total']:.0f} GiB of GPU memory ({args.batch_size} x "
-                     f"{args.seq_length} tokens, {args.quantization} base, activation checkpointing "
-                     f"{'on' if args.gradient_checkpointing else 'off'}) and the GPU has {available:.0f} GiB"
+                     f"{args.seq_length} tokens, {args.quantization} base, activation checkpointing {state}) and "
+                     f"the GPU has {available:.0f} GiB"
                      f"{advice}; --check_memory false tries anyway")

@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
 from . import architecture, embedded, files, fp8
@@ -249,6 +250,19 @@ def add_lora(model, config: LoraConfig, fp32_upcast: bool = False, gradient_chec
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     return get_peft_model(model, config, autocast_adapter_dtype=fp32_adapter or model.dtype == torch.float16)
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers, in order: the units activation checkpointing recomputes."""
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def checkpoint_only_first(model, layers: int) -> None:
+    """Leave activation checkpointing on in the first `layers` decoder layers only: the others keep their activations
+    and skip the recompute. The last ones, as Megatron-LM's `--recompute-method block`: their backward runs first
+    and frees what they kept before the first recompute."""
+    for layer in decoder_layers(model)[layers:]:
+        layer.gradient_checkpointing = False
 
 
 def load_adapter(base, adapter: str, base_name: str):

@@ -102,14 +102,19 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
         attention.use(model)
     set_seed(args.seed)  # LoRA's A matrices are drawn now, before the Trainer seeds: same seed, same run
     model = modeling.add_lora(model, lora, args.fp32_upcast, args.gradient_checkpointing, args.fp32_adapter)
+    checkpointed, recompute_gelu = memory.plan(args, model.config, lora.target_modules,
+                                               chunked_loss=not modeling.fsdp_enabled())
+    modeling.checkpoint_only_first(model, checkpointed)
     if int(os.environ.get("RANK", 0)) == 0:
         model.print_trainable_parameters()
+        if args.gradient_checkpointing:
+            print(f"activation checkpointing in {checkpointed} of {model.config.num_hidden_layers} decoder layers",
+                  flush=True)
     if fp8_base:
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
         model.to(modeling.device())  # the rest: embeddings, norms, LoRA
     if args.fuse_lora:
-        fusion.fuse_lora(model, memory.gelu_recompute_needed(args, model.config, lora.target_modules,
-                                                             chunked_loss=not modeling.fsdp_enabled()))
+        fusion.fuse_lora(model, recompute_gelu)
     if args.compile_layers:
         fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the

@@ -202,6 +202,10 @@ def test_the_memory_estimate_names_what_would_fit(monkeypatch):
     assert memory.check(short, config, targets)["total"] < 79.6
 
 
+def gelu_recomputed(args, config, targets) -> bool:
+    return memory.plan(args, config, targets)[1]
+
+
 def test_the_gelu_is_recomputed_only_where_a_run_needs_the_memory(monkeypatch):
     """On an 80 GB card StarCoder-15B with a bf16 base at 4 x 2,048 (--recipe bf16) fits only with the MLP's GELU
     recomputed (its output, the adapted c_proj's input, not kept: 15 GiB); FP8 at 4 x 2,048 fits without, and keeps
@@ -210,18 +214,18 @@ def test_the_gelu_is_recomputed_only_where_a_run_needs_the_memory(monkeypatch):
     monkeypatch.setattr(memory, "device_gib", lambda: 79.6)
     starcoder, starcoder2 = (architecture.config(family, "15b") for family in ("gpt_bigcode", "starcoder2"))
     bf16 = TrainArguments(model="tiny-starcoder", recipe="bf16", **cli.RECIPES["bf16"])
-    needed = memory.gelu_recompute_needed(bf16, starcoder, modeling.lora_targets(starcoder, None))
+    needed = gelu_recomputed(bf16, starcoder, modeling.lora_targets(starcoder, None))
     assert needed and memory.check(bf16, starcoder, modeling.lora_targets(starcoder, None))["total"] < 79.6
     classic = dataclasses.replace(bf16, recipe="qlora", **cli.RECIPES["qlora"])  # autocast: peft's path, no recompute
-    assert not memory.gelu_recompute_needed(classic, starcoder, modeling.lora_targets(starcoder, None))
+    assert not gelu_recomputed(classic, starcoder, modeling.lora_targets(starcoder, None))
     fp8_run = dataclasses.replace(bf16, quantization="fp8")
-    assert not memory.gelu_recompute_needed(fp8_run, starcoder, modeling.lora_targets(starcoder, None))
+    assert not gelu_recomputed(fp8_run, starcoder, modeling.lora_targets(starcoder, None))
     six = dataclasses.replace(fp8_run, batch_size=6)
-    assert memory.gelu_recompute_needed(six, starcoder, modeling.lora_targets(starcoder, None))
-    assert not memory.gelu_recompute_needed(dataclasses.replace(six, model="tiny-starcoder2"), starcoder2,
-                                            modeling.lora_targets(starcoder2, None))
+    assert gelu_recomputed(six, starcoder, modeling.lora_targets(starcoder, None))
+    assert not gelu_recomputed(dataclasses.replace(six, model="tiny-starcoder2"), starcoder2,
+                               modeling.lora_targets(starcoder2, None))
     monkeypatch.setattr(memory, "device_gib", lambda: None)
-    assert not memory.gelu_recompute_needed(bf16, starcoder, modeling.lora_targets(starcoder, None))
+    assert not gelu_recomputed(bf16, starcoder, modeling.lora_targets(starcoder, None))
 
 
 def test_the_24_gb_recipe_fits_starcoder_15b_with_room_to_spare():
@@ -231,10 +235,76 @@ def test_the_24_gb_recipe_fits_starcoder_15b_with_room_to_spare():
     shape = memory.shape_of(config, 16, modeling.lora_targets(config, None))
     recipe = cli.RECIPES["fp8_lean"]
     estimate = memory.estimate(shape, recipe["quantization"], recipe["batch_size"], recipe["seq_length"],
-                               recipe["gradient_checkpointing"])
+                               shape.layers)
     assert 15 < estimate["weights"] < 16 and estimate["total"] <= 22, estimate
-    doubled = memory.estimate(shape, "fp8", 2 * recipe["batch_size"], recipe["seq_length"], True)
+    doubled = memory.estimate(shape, "fp8", 2 * recipe["batch_size"], recipe["seq_length"], shape.layers)
     assert doubled["total"] > 22  # the batch is as large as the card allows
+
+
+@pytest.mark.parametrize("recipe,card_gib", [("fp8_lean", 24.0), ("fp8_lean", 22.5), ("lean", 16.0)])
+def test_the_lean_recipes_checkpoint_the_fewest_layers_that_fit(monkeypatch, recipe, card_gib):
+    """--checkpointed_layers fit (the lean recipes): on StarCoder-15B, the first n layers checkpointed where n is the
+    fewest whose estimate fits the card, with the GELU recomputed where that makes n smaller; every layer on the CPU;
+    none where the run fits without; all where nothing else fits; a count above the model's layers refused."""
+    config = architecture.config("gpt_bigcode", "15b")
+    targets = modeling.lora_targets(config, None)
+    shape = memory.shape_of(config, 16, targets)
+    args = TrainArguments(model="tiny-starcoder", recipe=recipe, **cli.RECIPES[recipe])
+    monkeypatch.setattr(memory, "device_gib", lambda: card_gib)
+    checkpointed, recompute_gelu = memory.plan(args, config, targets)
+
+    def total(layers, recompute=recompute_gelu):
+        return memory.estimate(shape, args.quantization, args.batch_size, args.seq_length, layers,
+                               recompute_gelu=recompute)["total"]
+
+    budget = card_gib - memory.FIT_MARGIN_GIB  # room for a display or another process
+    assert 0 < checkpointed < shape.layers and total(checkpointed) <= budget < total(checkpointed - 1)
+    kept_gelu = next(n for n in range(shape.layers + 1) if total(n, False) <= budget)
+    assert recompute_gelu and checkpointed < kept_gelu  # the recompute buys layers
+    every = dataclasses.replace(args, checkpointed_layers="all")
+    assert memory.plan(every, config, targets) == (shape.layers, False)  # fits with the GELU kept
+    assert memory.plan(dataclasses.replace(args, checkpointed_layers="7"), config, targets)[0] == 7
+    with pytest.raises(cli.UsageError, match="--checkpointed_layers 41 is more than the model's 40 decoder layers"):
+        memory.check(dataclasses.replace(args, checkpointed_layers="41"), config, targets)
+    monkeypatch.setattr(memory, "device_gib", lambda: 141.0)  # an H200: nothing to checkpoint
+    assert memory.plan(args, config, targets) == (0, False)
+    monkeypatch.setattr(memory, "device_gib", lambda: 12.0)  # short of even every layer: all, and the check refuses
+    assert memory.plan(args, config, targets)[0] == shape.layers
+    monkeypatch.setattr(memory, "device_gib", lambda: None)
+    assert memory.plan(args, config, targets) == (shape.layers, False)
+
+
+def test_a_run_short_of_memory_checkpoints_only_its_first_layers_and_learns_the_same(tmp_path, monkeypatch, capsys):
+    """--checkpointed_layers fit on a GPU that holds the run with some of its layers checkpointed: the pipeline leaves
+    checkpointing on in the first ones only, which run their forward twice in a training step and the others once,
+    and the losses are those of the run with every layer checkpointed."""
+    from finetune import pipeline, training
+
+    def train(name, checkpointed_layers):
+        args = tiny_args(tmp_path / name, max_train_steps=2, eval_steps=2, gradient_checkpointing=True,
+                         checkpointed_layers=checkpointed_layers)
+        run = pipeline.prepare(args)
+        layers = modeling.decoder_layers(run.model)
+        calls = [0] * len(layers)
+        for index, layer in enumerate(layers):  # the MLP starts again in a checkpointed layer's recompute
+            layer.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        trainer = training.build_trainer(args, run)
+        training.train(trainer, args, run)
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        return [layer.gradient_checkpointing for layer in layers], calls, losses
+
+    config = modeling.check_model("tiny-starcoder", 64, None)
+    shape = memory.shape_of(config, 16, ["c_attn", "c_proj"])
+    none, every = (memory.estimate(shape, "4bit", 4, 64, layers)["total"] for layers in (0, shape.layers))
+    monkeypatch.setattr(memory, "device_gib", lambda: (none + every) / 2 + memory.FIT_MARGIN_GIB)
+    fitted, calls, losses = train("fit", "fit")
+    first, once = sum(fitted), calls[-1]  # once: the training forwards and the evaluations
+    assert 0 < first < shape.layers and fitted == [True] * first + [False] * (shape.layers - first)
+    assert f"activation checkpointing in {first} of {shape.layers} decoder layers" in capsys.readouterr().out
+    assert calls == [once + 2] * first + [once] * (shape.layers - first)  # again in each of the 2 steps
+    all_checkpointed, calls, all_losses = train("all", "all")
+    assert all(all_checkpointed) and calls == [once + 2] * shape.layers
+    assert len(losses) == 2 and losses == pytest.approx(all_losses, rel=1e-5)
 
 
 def test_a_run_that_cannot_fit_is_refused_before_anything_loads_or_is_written(tmp_path, capsys, monkeypatch):

@@ -13,6 +13,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPTBigCodeConfig, Ll
 
 import base_with_tflops
 from conftest import ROOT, tiny_args
+from finetune import modeling
 from flops_counter import TFLOPSCallback, flops_per_token, peak_tflops
 from wandb_records import history, offline_runs
 
@@ -76,6 +77,21 @@ def test_flops_per_token_matches_flop_counter_mode(name, lora, checkpointing):
     assert measured_flops_per_token(model) == pytest.approx(expected, rel=0.01)
     assert sum(ours.breakdown.values()) == pytest.approx(ours.model)
     assert (ours.hardware > ours.model) == checkpointing
+
+
+@pytest.mark.parametrize("name", ["gpt_bigcode_multi_query", "starcoder2_grouped_query"])
+def test_flops_per_token_counts_each_layer_as_its_checkpointing_is_set(name):
+    """finetune's partial checkpointing (the first layers only): `gradient_checkpointing=None` reads each layer's
+    own setting, as the callback does; the recompute is then one layer's of two."""
+    model = build(name, lora=True, checkpointing=True)
+    modeling.checkpoint_only_first(model, 1)
+    ours, every, none = (flops_per_token(model, SEQ, gradient_checkpointing=c) for c in (None, True, False))
+    assert ours.model == every.model == none.model
+    assert ours.hardware - none.hardware == pytest.approx((every.hardware - none.hardware) / 2)
+    attention = ours.breakdown["attention_forward"] + ours.breakdown["attention_backward"]
+    recomputed_attention = ours.breakdown["attention_forward"] / 2  # FlopCounterMode: full attention, one layer
+    assert measured_flops_per_token(model) == pytest.approx(ours.hardware + attention + recomputed_attention,
+                                                            rel=0.01)
 
 
 def test_frozen_base_costs_four_flops_per_weight_and_lora_six():

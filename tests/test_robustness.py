@@ -114,6 +114,12 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
     (lambda d: ["--num_train_epochs", "inf"], "--num_train_epochs must be a positive number"),
     (lambda d: ["--max_file_bytes", "0"], "--max_file_bytes must be a positive integer"),
     (lambda d: ["--fim_rate", "1.5"], "--fim_rate must be a share, 0 to 1"),
+    (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "half"],
+     "--checkpointed_layers must be all, fit or a number of layers, got 'half'"),
+    (lambda d: ["--checkpointed_layers", "2"], "--checkpointed_layers 2 chooses among the layers "
+                                               "--gradient_checkpointing checkpoints"),
+    (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "9"],
+     "--checkpointed_layers 9 is more than the model's 4 decoder layers"),
     (lambda d: ["--push_to_hub", "--hub_model_id", "not an id!"], "is not a Hub repository id"),
     (lambda d: ["--model", str(d / "no-weights")], "holds a config.json but no weights"),
     (lambda d: ["--model", str(d / "other-shape")], "the config and the weights are of different models"),
