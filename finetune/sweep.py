@@ -156,8 +156,10 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
         print(f"[sweep {label}] {config_name(config)}: measured already ({measured['status']}); "
               f"--overwrite_output_dir measures it again", flush=True)
         return measured
+    checkpointing = config["gradient_checkpointing"]
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
-                                     gradient_checkpointing=config["gradient_checkpointing"],
+                                     gradient_checkpointing=checkpointing,  # with it the layers it was given (lean: fit)
+                                     checkpointed_layers=args.checkpointed_layers if checkpointing else "all",
                                      packing=config["packing"], recipe=None, overwrite_output_dir=True,  # measure anew
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
     child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"])

@@ -98,6 +98,27 @@ def test_padding_is_masked_out_of_the_labels():
     assert (batch["labels"][~padding] == batch["input_ids"][~padding]).all()
 
 
+def test_a_sweep_of_checkpointing_under_a_lean_recipe_gives_each_child_flags_it_accepts(tmp_path):
+    """--recipe lean checkpoints the layers that fit (--checkpointed_layers fit), which needs checkpointing on: a
+    sweep's child without checkpointing gets `all`, one with it keeps `fit`; each parses its flags."""
+    from karpathy_speedups_example import SpeedupArguments
+
+    seen = tmp_path / "seen.jsonl"
+    child = tmp_path / "child.py"
+    child.write_text(f"import json, sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom finetune import cli\n"
+                     "from karpathy_speedups_example import SpeedupArguments\n"
+                     "args, _ = cli.parse(cli.TrainArguments, SpeedupArguments)\n"
+                     f"with open({str(seen)!r}, 'a') as f:\n"
+                     "    f.write(json.dumps([args.gradient_checkpointing, args.checkpointed_layers]) + '\\n')\n")
+    (args,) = cli.parse(cli.TrainArguments, argv=["--recipe", "lean", "--output_dir", str(tmp_path / "out")])
+    for checkpointing in (False, True):
+        config = dict(batch_size=1, num_workers=0, pin_memory=False, packing=True,
+                      gradient_checkpointing=checkpointing)
+        sweep.run_configuration(str(child), args, SpeedupArguments(num_workers=0), config, str(tmp_path / "sweep"),
+                                "test")
+    assert [json.loads(line) for line in seen.read_text().splitlines()] == [[False, "all"], [True, "fit"]]
+
+
 def test_recipe_presets_yield_to_explicit_flags():
     (args,) = cli.parse(cli.TrainArguments, argv=["--recipe", "lean", "--batch_size", "2"])
     assert args.batch_size == 2 and args.gradient_checkpointing and args.packing and args.seq_length == 2048
