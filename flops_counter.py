@@ -109,11 +109,11 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool | None = F
         shape = _linear_shape(module)
         if shape is not None:
             return linear(module, shape, gradient_flows, checkpointed)
-        if isinstance(module, GradientCheckpointingLayer):
+        is_layer = isinstance(module, GradientCheckpointingLayer)
+        if is_layer:
             checkpointed = module.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         children = [c for c in module.children() if any(_linear_shape(m) for m in c.modules())]
         if not block or len(children) < 2:
-            is_layer = isinstance(module, GradientCheckpointingLayer)
             for child in children:
                 gradient_flows = walk(child, gradient_flows, checkpointed, block=is_layer)
             return gradient_flows

@@ -35,8 +35,8 @@ WEIGHT_BYTES = {"4bit": 0.52, "8bit": 1.0, "fp8": 1.0, "none": 2.0}
 HIDDEN_VALUES = 6.0  # activation values kept per token and layer, in hiddens (besides the MLP's)
 OVERHEAD_GIB = 1.5
 # --checkpointed_layers fit plans to the card's memory less this: a desktop's display or another process may hold
-# some of it, which the card's size does not tell. With it, fp8_lean on a 24 GiB card peaks near 21 GiB (22.4 and
-# 20.3 GiB measured where its estimate came to 24.0 and 21.8, H200, 2026-12-06: docs/PERFORMANCE.md).
+# some of it, which the card's size does not tell. Without it fp8_lean peaked at 22.4 GiB under a 24 GiB cap, over
+# issue 21's 22 GiB line for a 24 GB card (H200, 2026-12-06, bench/recipes.py --memory_cap_gib 24: docs/PERFORMANCE.md).
 FIT_MARGIN_GIB = 1.0
 
 
@@ -137,15 +137,17 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
     With --checkpointed_layers fit, the fewest checkpointed layers whose estimate fits the card less FIT_MARGIN_GIB:
     each one left out skips its forward's recompute (StarCoder-15B on an H200, 2026-12-06: fp8_lean 9,475 tokens/s
     with all 40 checkpointed, 9,882 with 31; lean 5,333 and 5,803 with 21; docs/PERFORMANCE.md); and the GELU
-    recomputed (fusion.fuse_lora) where that leaves out more of them: its second pass costs 1.1% of a step. Otherwise
+    recomputed (fusion.fuse_lora) where that leaves out more of them: its second pass costs 1.1% of a step (H100,
+    2026-12-06, docs/PERFORMANCE.md). Otherwise
     the layers asked for, and the GELU recomputed only where the run would not fit without it: on an 80 GB card it
     fits a bf16 base at 4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B. On the CPU: the layers asked for (fit:
     all), the GELU kept."""
-    shape = shape_of(config, args.lora_r, lora_targets)
-    requested = requested_checkpointed_layers(args, shape.layers)
+    layers = config.num_hidden_layers
+    requested = requested_checkpointed_layers(args, layers)
     available = device_gib()
     if available is None:
-        return (shape.layers if requested is None else requested), False
+        return (layers if requested is None else requested), False
+    shape = shape_of(config, args.lora_r, lora_targets)
     can_recompute = fusion.can_recompute_gelu(args)
 
     def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
@@ -165,11 +167,11 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
 def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> dict | None:
     """Refuse, before anything loads, a run whose estimate exceeds the GPU's memory, naming the changes that would
     fit. Returns the estimate (None on the CPU, or with --check_memory false)."""
-    shape = shape_of(config, args.lora_r, lora_targets)
-    requested = requested_checkpointed_layers(args, shape.layers)
+    requested = requested_checkpointed_layers(args, config.num_hidden_layers)
     available = device_gib()
     if available is None or not args.check_memory:
         return None
+    shape = shape_of(config, args.lora_r, lora_targets)
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
                     checkpointed_layers=shape.layers if requested is None else requested,
                     fp32_upcast=args.fp32_upcast, recompute_gelu=fusion.can_recompute_gelu(args))
