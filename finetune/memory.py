@@ -36,7 +36,8 @@ HIDDEN_VALUES = 6.0  # activation values kept per token and layer, in hiddens (b
 OVERHEAD_GIB = 1.5
 # --checkpointed_layers fit plans to the card's memory less this: a desktop's display or another process may hold
 # some of it, which the card's size does not tell. Without it fp8_lean peaked at 22.4 GiB under a 24 GiB cap, over
-# issue 21's 22 GiB line for a 24 GB card (H200, 2026-12-06, bench/recipes.py --memory_cap_gib 24: docs/PERFORMANCE.md).
+# issue 21's 22 GiB line for a 24 GB card (H200, 2026-12-06, bench/recipes.py --memory_cap_gib 24;
+# docs/PERFORMANCE.md).
 FIT_MARGIN_GIB = 1.0
 
 
@@ -138,10 +139,9 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
     each one left out skips its forward's recompute (StarCoder-15B on an H200, 2026-12-06: fp8_lean 9,475 tokens/s
     with all 40 checkpointed, 9,882 with 31; lean 5,333 and 5,803 with 21; docs/PERFORMANCE.md); and the GELU
     recomputed (fusion.fuse_lora) where that leaves out more of them: its second pass costs 1.1% of a step (H100,
-    2026-12-06, docs/PERFORMANCE.md). Otherwise
-    the layers asked for, and the GELU recomputed only where the run would not fit without it: on an 80 GB card it
-    fits a bf16 base at 4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B. On the CPU: the layers asked for (fit:
-    all), the GELU kept."""
+    2026-12-06, docs/PERFORMANCE.md). Otherwise the layers asked for, and the GELU recomputed only where the run would
+    not fit without it: on an 80 GB card it fits a bf16 base at 4 x 2,048 and FP8 at 6 x 2,048 for StarCoder-15B. On
+    the CPU: the layers asked for (fit: all), the GELU kept."""
     layers = config.num_hidden_layers
     requested = requested_checkpointed_layers(args, layers)
     available = device_gib()

@@ -158,7 +158,7 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
         return measured
     checkpointing = config["gradient_checkpointing"]
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
-                                     gradient_checkpointing=checkpointing,  # with it the layers it was given (lean: fit)
+                                     gradient_checkpointing=checkpointing,  # with it, the layers given (lean: fit)
                                      checkpointed_layers=args.checkpointed_layers if checkpointing else "all",
                                      packing=config["packing"], recipe=None, overwrite_output_dir=True,  # measure anew
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
