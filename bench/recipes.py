@@ -160,15 +160,23 @@ class CudaEventTimer:
         return sum(begin.elapsed_time(end) for begin, end in self.events[skip:]) / 1e3
 
 
-def run_one(name: str, options) -> dict:
+def recipe_and_cap(entry: str, default_cap: float) -> tuple[str, float]:
+    """`NAME` or `NAME@GIB` of --recipes: a recipe and the GPU memory it runs under (`fp8,lean@16`: one table with
+    each recipe on its own card's memory); without `@`, --memory_cap_gib's."""
+    name, _, cap = entry.partition("@")
+    return name, float(cap) if cap else default_cap
+
+
+def run_one(entry: str, options) -> dict:
     from finetune import architecture, fim, fusion, memory, modeling, pipeline, training
     from flops_counter import TFLOPSCallback, flops_per_token
 
+    name, memory_cap_gib = recipe_and_cap(entry, options.memory_cap_gib)
     total_steps = options.warmup + options.steps
-    if options.memory_cap_gib and torch.cuda.is_available():  # a smaller card's memory, on this one
+    if memory_cap_gib and torch.cuda.is_available():  # a smaller card's memory, on this one
         gpu = modeling.device()
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, options.memory_cap_gib * memory.GIB / torch.cuda.get_device_properties(gpu).total_memory), gpu)
+            min(1.0, memory_cap_gib * memory.GIB / torch.cuda.get_device_properties(gpu).total_memory), gpu)
     with tempfile.TemporaryDirectory() as output_dir:
         recipe = {**RECIPES[name], "seq_length": options.seq_length or RECIPES[name]["seq_length"],
                   "batch_size": options.batch_size or RECIPES[name]["batch_size"]}
@@ -180,7 +188,7 @@ def run_one(name: str, options) -> dict:
         # on the CPU where the run would load from disk without a 16-bit copy on the GPU: FP8 always, and under a cap
         # bitsandbytes too (it quantizes each weight as it moves to the GPU)
         state_dict = random_state_dict(config, dtype,
-                                       on_cpu=args.quantization == "fp8" or bool(options.memory_cap_gib))
+                                       on_cpu=args.quantization == "fp8" or bool(memory_cap_gib))
         targets = modeling.lora_targets(config, None)
         lora = modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, ",".join(targets))
         started = time.perf_counter()
@@ -213,7 +221,7 @@ def run_one(name: str, options) -> dict:
         trainer.train()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"recipe": name, **recipe, "family": options.family, "size": options.size, "data": options.data,
-              "fim_rate": options.fim_rate, "memory_cap_gib": options.memory_cap_gib, "load_seconds": load_seconds,
+              "fim_rate": options.fim_rate, "memory_cap_gib": memory_cap_gib, "load_seconds": load_seconds,
               "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed,
               "estimated_memory_gib": estimated,
               **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
@@ -364,7 +372,9 @@ def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> d
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
     status, error = child_failure(done.stderr)
-    return {"recipe": name, **RECIPES.get(name, {}), "status": status, "error": error}
+    recipe, memory_cap_gib = recipe_and_cap(name, options.memory_cap_gib)
+    return {"recipe": recipe, **RECIPES.get(recipe, {}), "memory_cap_gib": memory_cap_gib, "status": status,
+            "error": error}
 
 
 def write_json(path: str, header: dict, results: list[dict]) -> None:
@@ -418,12 +428,11 @@ def main(options) -> list[dict]:
         print(json.dumps(results[-1]), flush=True)
         write_json(options.json, header, results)  # after each recipe: a run cut short keeps what it measured
     notes = f", {options.fim_rate:.0%} of them FIM" if options.fim_rate else ""
-    notes += f", memory capped at {options.memory_cap_gib:g} GiB" if options.memory_cap_gib else ""
     print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{notes}, "
           f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
-          f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak")
+          f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak; cap: the GPU memory a run was given")
     print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>5s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
-          f"{'MFU8':>6s} {'peak GiB':>8s}")
+          f"{'MFU8':>6s} {'peak GiB':>8s} {'cap GiB':>7s}")
     for row in results:
         if "tokens_per_second" not in row:
             print(f"{row['recipe']:18s} {row['status']}: {row['error']}")
@@ -432,7 +441,7 @@ def main(options) -> list[dict]:
               f"{row['seq_length']:<4d} {row.get('checkpointed_layers', 0):>5d} "
               f"{row['tokens_per_second']:9.0f} {row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} "
               f"{row['model_tflops'] / (row.get('fp8_peak_tflops') or math.inf):6.1%} "
-              f"{row.get('peak_memory_gib', 0):8.1f}")
+              f"{row.get('peak_memory_gib', 0):8.1f} {row['memory_cap_gib'] or '-':>7}")
         if "verify" in row:
             v = row["verify"]
             counted = (f"; FLOPs per token vs FlopCounterMode "
@@ -446,7 +455,8 @@ def main(options) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--recipes", default="tutorial,qlora,bf16_lora,fast,lean", help=f"from {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default="tutorial,qlora,bf16_lora,fast,lean",
+                        help=f"from {', '.join(RECIPES)}; NAME@GIB runs one under that much GPU memory (its card's)")
     parser.add_argument("--verify_flops", action="store_true",
                         help="time each recipe's steps with CUDA events too, and count joined recipes' FLOPs with "
                              "FlopCounterMode: independent checks of the callback's TFLOP/s")
@@ -456,10 +466,14 @@ if __name__ == "__main__":
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     check_run_arguments(parser, options)
+    for entry in options.recipes.split(","):
+        name, at, cap = entry.partition("@")
+        if name not in RECIPES or at and not cap.replace(".", "", 1).isdigit():
+            parser.error(f"--recipes: {entry!r} is not NAME or NAME@GIB with NAME from {', '.join(RECIPES)}")
     if options.profile and options.warmup < 1:
         parser.error("--profile profiles the last warm-up step: give --warmup 1 or more")
     if options.one:
-        if options.one not in options.profile.split(","):
+        if recipe_and_cap(options.one, 0)[0] not in options.profile.split(","):
             options.profile_dir = ""
         result = run_one(options.one, options)
         if int(os.environ.get("RANK", "0")) == 0:

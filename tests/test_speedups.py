@@ -128,15 +128,23 @@ def test_recipe_presets_yield_to_explicit_flags():
 
 def test_bench_runs_recipes_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes", "fast,tutorial",
+    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes", "fast,tutorial@24",
                            "--steps", "1", "--warmup", "1", "--seq_length", "32", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["versions"]["torch"] and results["versions"]["transformers"] and results["device"]
     assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial"]
+    assert [row["memory_cap_gib"] for row in results["results"]] == [0.0, 24.0]  # each recipe on its own card
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
     assert "tokens/s" in done.stdout
+
+
+@pytest.mark.parametrize("entry", ["fastest", "fast@", "fast@16GB", "fast@-1"])
+def test_bench_refuses_a_recipe_it_does_not_have(entry):
+    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes", f"fp8,{entry}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{entry!r} is not NAME or NAME@GIB" in done.stderr, done.stderr[-2000:]
 
 
 def test_the_step_profile_charges_each_idle_gap_to_the_kernel_that_ran_next():
