@@ -66,6 +66,7 @@ def _base_forward(rows, weight, weight_scale, bias, gelu: bool):
         return inputs, torch.nn.functional.linear(inputs, fp8.dequantized(weight),
                                                   None if bias is None else bias.to(rows.dtype))
     gelu_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if gelu else None
+    bias = None if bias is None else bias.to(rows.dtype)  # _scaled_mm adds it in the output's dtype
     return rows if gelu_out is None else gelu_out, fp8.forward_rows(rows, weight, weight_scale, bias, gelu_out)
 
 
@@ -87,18 +88,23 @@ def _add_low_rank_(out, down, up):
     return lora_kernels.add_low_rank_(out, down, up)
 
 
+def _multiplied(weight, weight_scale, fp8_matmuls: bool):
+    """(weight, weight scale) as the base multiplies: a 4-bit base with `fp8_matmuls` in FP8, made now."""
+    return fp8.from_4bit(weight) if fp8_matmuls else (weight, weight_scale)
+
+
 class _LoraLinear(torch.autograd.Function):
-    """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit), LoRA's
-    B already scaled, act the identity or tanh GELU (`gelu`), whose output is kept for the backward or, with
-    `recompute`, computed again there."""
+    """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit, which
+    with `fp8_matmuls` multiplies in FP8), LoRA's B already scaled, act the identity or tanh GELU (`gelu`), whose
+    output is kept for the backward or, with `recompute`, computed again there."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool):
+    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool, fp8_matmuls: bool):
         rows = x.reshape(-1, x.shape[-1])
-        inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu)
+        inputs, out = _base_forward(rows, *_multiplied(weight, weight_scale, fp8_matmuls), bias, gelu)
         down = inputs @ lora_a.t()
         out = _add_low_rank_(out, down, lora_b.t())
-        ctx.gelu = gelu
+        ctx.gelu, ctx.fp8_matmuls = gelu, fp8_matmuls
         kept = inputs if gelu and not recompute else None
         ctx.save_for_backward(rows, kept, down, lora_a, lora_b, weight, weight_scale)
         return out.view(*x.shape[:-1], -1)
@@ -113,11 +119,12 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a)
+            base = _multiplied(weight, weight_scale, ctx.fp8_matmuls)  # made again: the forward saved the 4 bits
+            grad_in = _add_low_rank_(_base_input_grad(grad, *base), grad_down, lora_a)
             if ctx.gelu:
                 grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
-        return grad_in, grad_a, grad_b, None, None, None, None, None
+        return grad_in, grad_a, grad_b, None, None, None, None, None, None
 
 
 def _frozen_base(layer, x):
@@ -135,10 +142,10 @@ def _frozen_base(layer, x):
     return (weight, None, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
 
 
-def can_recompute_gelu(args) -> bool:
+def takes_fused_path(args) -> bool:
     """Whether a run's adapted layers take _LoraLinear's path, where a down projection after a tanh GELU can recompute
-    the GELU's output (what _frozen_base and _fused_lora_forward check, in the run's settings: the memory estimate's
-    question before the model loads)."""
+    the GELU's output and a 4-bit base can multiply in FP8 (what _frozen_base and _fused_lora_forward check, in the
+    run's settings: asked before the model loads)."""
     return (args.fuse_lora and args.lora_dropout == 0 and args.quantization != "8bit"
             and not (args.mixed_precision or args.fp32_adapter or args.fp32_upcast))
 
@@ -151,7 +158,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     base = _frozen_base(self, x) if name is not None else None
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
-        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute")
+        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute",
+                                 getattr(self, "_fp8_matmuls", False))
     if gelu:
         x = _gelu(x)
     if name is None:
@@ -199,7 +207,7 @@ class _Siblings:
         name = self.layers[0].active_adapters[0]
         down = torch.cat([layer.lora_A[name].weight for layer in self.layers])
         up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False)
+        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False, False)
         # A slice that attention saves for the backward (v) would keep the whole output alive: the small ones are
         # copied out (k and v are 7% each of StarCoder2-15B's q/k/v width).
         return [part if 4 * size >= out.shape[-1] else part.contiguous()
@@ -217,17 +225,19 @@ def recomputes_gelu(model) -> bool:
     return any(getattr(module, "_gelu_input", None) == "recompute" for module in model.modules())
 
 
-def fuse_lora(model, recompute_gelu: bool = False) -> int:
+def fuse_lora(model, recompute_gelu: bool = False, fp8_matmuls: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (a
     down projection adapted after a tanh GELU the GELU too, its output recomputed in the backward with
-    `recompute_gelu`), and sibling layers over FP8 bases their shared forward; returns how many layers were fused.
-    Call it once the model is on its device (a sibling's weight is a view of the shared one)."""
+    `recompute_gelu`; a 4-bit base multiplied in FP8 with `fp8_matmuls`), and sibling layers over FP8 bases their
+    shared forward; returns how many layers were fused. Call it once the model is on its device (a sibling's weight
+    is a view of the shared one)."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
             module.forward = types.MethodType(_fused_lora_forward, module)
+            module._fp8_matmuls = fp8_matmuls and type(module).__name__ == "Linear4bit"
             fused += 1
     for module in list(model.modules()):
         activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)

@@ -37,7 +37,7 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     when not given they are built the same way from `args`."""
     tracking.choose_mode(args)
     hub.check(args)
-    modeling.check_quantization(args.quantization)
+    modeling.check_quantization(args.quantization, args.fp8_matmuls)
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
@@ -114,7 +114,7 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
         model.to(modeling.device())  # the rest: embeddings, norms, LoRA
     if args.fuse_lora:
-        fusion.fuse_lora(model, recompute_gelu)
+        fusion.fuse_lora(model, recompute_gelu, args.fp8_matmuls)
     if args.compile_layers:
         fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the

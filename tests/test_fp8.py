@@ -152,3 +152,45 @@ print("kernels ok")
 
 def test_the_gpu_quantization_and_transpose_kernels_agree_with_the_reference():
     assert on_triton_interpreter(_KERNELS_ON_THE_INTERPRETER).strip() == "kernels ok"
+
+
+@needs_scaled_mm
+def test_the_lean_fp8_recipe_trains_its_4_bit_base_in_fp8(tmp_path, monkeypatch):
+    """--recipe lean_fp8 through the real pipeline and Trainer: the NF4 base stays stored in 4 bits (no FP8 layer
+    replaces it), every adapted layer multiplies in FP8, and the run learns. The GPU's FP8 tensor cores are what the
+    CPU lacks: its FP8 matmul stands in."""
+    from conftest import tiny_args
+    from finetune import cli, pipeline, training
+
+    monkeypatch.setattr(fp8, "unsupported_reason", lambda: None)
+    made, from_4bit = [], fp8.from_4bit
+    monkeypatch.setattr(fp8, "from_4bit", lambda weight: made.append(weight) or from_4bit(weight))
+    args = tiny_args(tmp_path, **{**cli.RECIPES["lean_fp8"], "seq_length": 64, "batch_size": 2}, dtype="bfloat16",
+                     max_train_steps=4, learning_rate=1e-3)
+    run = pipeline.prepare(args)
+    layers = [m for m in run.model.modules() if hasattr(m, "_fp8_matmuls")]
+    assert layers and all(m._fp8_matmuls and type(m.base_layer).__name__ == "Linear4bit" for m in layers)
+    assert not any(isinstance(m, fp8.Float8Linear) for m in run.model.modules())
+    trainer = training.build_trainer(args, run)
+    training.train(trainer, args, run)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(made) > 4 * len(layers) and len(losses) == 4 and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(fp8.unsupported_reason() is None, reason="this machine has FP8 tensor cores")
+@pytest.mark.parametrize("flags,message", [
+    (["--recipe", "lean_fp8"], f"--fp8_matmuls needs FP8 tensor cores: {fp8.unsupported_reason()}; use --recipe "
+                               f"lean, or leave --fp8_matmuls out"),
+    (["--fp8_matmuls", "--quantization", "none"], "--fp8_matmuls multiplies a 4-bit base in FP8; with --quantization "
+                                                  "none leave it out (fp8 stores the base in FP8)"),
+    (["--recipe", "lean_fp8", "--lora_dropout", "0.05"], "--fp8_matmuls runs on the fused LoRA path: it needs "
+                                                         "--fuse_lora, --lora_dropout 0 and none of --mixed_precision, "
+                                                         "--fp32_adapter, --fp32_upcast"),
+    (["--fp8_matmuls", "--dtype", "float16"], "--fp8_matmuls computes in bf16 (FP8 matmuls write bf16); --dtype "
+                                              "float16 cannot be used with it"),
+])
+def test_fp8_matmuls_are_refused_where_they_cannot_run(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, "base_example.py", "--model", "tiny-starcoder", "--dataset", "stdlib-code",
+                           "--output_dir", str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {message}"], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
