@@ -70,14 +70,13 @@ def forward_rows(rows, weight, weight_scale, bias=None, gelu_out=None):
                             out_dtype=rows.dtype, use_fast_accum=True)
 
 
-def input_grad_rows(grad_rows, weight, weight_scale):
+def input_grad_rows(grad_rows, weight_t, weight_scale):
     """The input gradient of forward_rows, dy W = dy diag(s) Wq: s folds into dy's columns before dy is quantized by
-    rows, and Wq is transposed for this GEMM (a copy per layer and step, instead of a second stored copy of the
-    base)."""
+    rows; `weight_t` is Wq^T, (in, out), contiguous along `out`, the dimension the input gradient sums over: a copy
+    made per layer and step (transposed), instead of a second stored copy of the base."""
     values, scales = quantize_rows(grad_rows, column_scale=weight_scale.view(1, -1))
-    # (in, out): contiguous along `out`, the dimension the input gradient sums over
-    return torch._scaled_mm(values, transposed(weight).t(), scale_a=scales,
-                            scale_b=torch.ones(1, weight.shape[1], device=weight.device), out_dtype=grad_rows.dtype,
+    return torch._scaled_mm(values, weight_t.t(), scale_a=scales,
+                            scale_b=torch.ones(1, weight_t.shape[0], device=weight_t.device), out_dtype=grad_rows.dtype,
                             use_fast_accum=True)
 
 
@@ -93,7 +92,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
+        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), transposed(weight), weight_scale)
         return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
 
 
@@ -123,12 +122,24 @@ def dequantized(weight) -> torch.Tensor:
     return weight.data
 
 
-def from_4bit(weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bitsandbytes 4-bit weight as forward_rows and input_grad_rows take an FP8 one: (out, in) e4m3 values and a
-    scale per row, made each time the layer multiplies (--fp8_matmuls), never stored: a 16 GB card holds
-    StarCoder-15B in NF4 (7.6 GiB) but not in FP8 (15.1 GiB)."""
-    values, scales = quantize_rows(dequantized(weight))
-    return values, scales.view(-1)
+# --fp8_matmuls: a 4-bit base multiplied in FP8. Its e4m3 values are made each time a layer multiplies and never
+# stored (a 16 GB card holds StarCoder-15B in NF4, 7.6 GiB, but not in FP8, 15.1 GiB); each row's scale, which the
+# frozen weight fixes, is found once.
+def row_scales_of_4bit(weight) -> torch.Tensor:
+    """The scale per row (out,) that _quantize_rows gives a bitsandbytes 4-bit weight unpacked to 16 bits."""
+    return _quantize_rows(dequantized(weight))[1].view(-1)
+
+
+def from_4bit(weight, row_scales: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight as e4m3 with `row_scales` (row_scales_of_4bit): the (out, in) values of
+    _quantize_rows(dequantized(weight)), as forward_rows takes them, or with `transpose` their (in, out) transpose,
+    as input_grad_rows does. On a GPU one kernel reads the 4 bits and writes the 8 (finetune/fp8_kernels.py)."""
+    if not weight.is_cuda or torch.compiler.is_compiling():
+        values = (dequantized(weight).float() / row_scales.view(-1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        return values.t().contiguous() if transpose else values
+    from . import fp8_kernels
+
+    return fp8_kernels.from_nf4(weight.data, weight.quant_state, row_scales, transpose)
 
 
 def convert(model, device: torch.device | None = None, skip=("lora_A", "lora_B")) -> int:

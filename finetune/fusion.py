@@ -58,21 +58,25 @@ def is_tanh_gelu(module) -> bool:
             and getattr(getattr(module, "act", None), "keywords", None) == {"approximate": "tanh"})
 
 
-def _base_forward(rows, weight, weight_scale, bias, gelu: bool):
-    """(act(rows), act(rows) W^T + b), act the tanh GELU or the identity; an FP8 base computes the GELU in the pass
-    that quantizes its output (fp8.quantize_rows)."""
+def _base_forward(rows, weight, weight_scale, bias, gelu: bool, fp8_matmuls: bool):
+    """(act(rows), act(rows) W^T + b), act the tanh GELU or the identity; an FP8 base (or a 4-bit one with
+    `fp8_matmuls`, made e4m3 now) computes the GELU in the pass that quantizes its output (fp8.quantize_rows)."""
     if weight_scale is None:
         inputs = _gelu(rows) if gelu else rows
         return inputs, torch.nn.functional.linear(inputs, fp8.dequantized(weight),
                                                   None if bias is None else bias.to(rows.dtype))
+    if fp8_matmuls:
+        weight = fp8.from_4bit(weight, weight_scale)
     gelu_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if gelu else None
     bias = None if bias is None else bias.to(rows.dtype)  # _scaled_mm adds it in the output's dtype
     return rows if gelu_out is None else gelu_out, fp8.forward_rows(rows, weight, weight_scale, bias, gelu_out)
 
 
-def _base_input_grad(grad_rows, weight, weight_scale):
+def _base_input_grad(grad_rows, weight, weight_scale, fp8_matmuls: bool):
+    if fp8_matmuls:  # the 4-bit base made e4m3 again, transposed as this GEMM reads it
+        return fp8.input_grad_rows(grad_rows, fp8.from_4bit(weight, weight_scale, transpose=True), weight_scale)
     if weight_scale is not None:
-        return fp8.input_grad_rows(grad_rows, weight, weight_scale)
+        return fp8.input_grad_rows(grad_rows, fp8.transposed(weight), weight_scale)
     return grad_rows @ fp8.dequantized(weight)
 
 
@@ -88,20 +92,15 @@ def _add_low_rank_(out, down, up):
     return lora_kernels.add_low_rank_(out, down, up)
 
 
-def _multiplied(weight, weight_scale, fp8_matmuls: bool):
-    """(weight, weight scale) as the base multiplies: a 4-bit base with `fp8_matmuls` in FP8, made now."""
-    return fp8.from_4bit(weight) if fp8_matmuls else (weight, weight_scale)
-
-
 class _LoraLinear(torch.autograd.Function):
     """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit, which
-    with `fp8_matmuls` multiplies in FP8), LoRA's B already scaled, act the identity or tanh GELU (`gelu`), whose
+    with `fp8_matmuls` multiplies in FP8 with its row scales), LoRA's B already scaled, act the identity or tanh GELU (`gelu`), whose
     output is kept for the backward or, with `recompute`, computed again there."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool, fp8_matmuls: bool):
         rows = x.reshape(-1, x.shape[-1])
-        inputs, out = _base_forward(rows, *_multiplied(weight, weight_scale, fp8_matmuls), bias, gelu)
+        inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu, fp8_matmuls)
         down = inputs @ lora_a.t()
         out = _add_low_rank_(out, down, lora_b.t())
         ctx.gelu, ctx.fp8_matmuls = gelu, fp8_matmuls
@@ -119,8 +118,7 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            base = _multiplied(weight, weight_scale, ctx.fp8_matmuls)  # made again: the forward saved the 4 bits
-            grad_in = _add_low_rank_(_base_input_grad(grad, *base), grad_down, lora_a)
+            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale, ctx.fp8_matmuls), grad_down, lora_a)
             if ctx.gelu:
                 grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
@@ -129,8 +127,8 @@ class _LoraLinear(torch.autograd.Function):
 
 def _frozen_base(layer, x):
     """(weight, weight scale or None, bias) of a LoRA layer's base where _LoraLinear can compute it on `x`: an FP8,
-    16-bit or bitsandbytes 4-bit base in x's dtype, outside autocast (whose casts its backward would not repeat);
-    None otherwise."""
+    16-bit or bitsandbytes 4-bit base in x's dtype (one multiplied in FP8 with the row scales fuse_lora found),
+    outside autocast (whose casts its backward would not repeat); None otherwise."""
     base = layer.base_layer
     if torch.is_autocast_enabled(x.device.type):
         return None
@@ -139,7 +137,8 @@ def _frozen_base(layer, x):
     weight = base.weight
     dtype = weight.quant_state.dtype if hasattr(weight, "quant_state") else weight.dtype
     kind = type(base).__name__
-    return (weight, None, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
+    scale = getattr(layer, "_fp8_row_scales", None)
+    return (weight, scale, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
 
 
 def takes_fused_path(args) -> bool:
@@ -159,7 +158,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
         return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute",
-                                 getattr(self, "_fp8_matmuls", False))
+                                 hasattr(self, "_fp8_row_scales"))
     if gelu:
         x = _gelu(x)
     if name is None:
@@ -237,7 +236,8 @@ def fuse_lora(model, recompute_gelu: bool = False, fp8_matmuls: bool = False) ->
     for module in model.modules():
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
             module.forward = types.MethodType(_fused_lora_forward, module)
-            module._fp8_matmuls = fp8_matmuls and type(module).__name__ == "Linear4bit"
+            if fp8_matmuls and type(module).__name__ == "Linear4bit":
+                module._fp8_row_scales = fp8.row_scales_of_4bit(module.base_layer.weight)
             fused += 1
     for module in list(model.modules()):
         activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
