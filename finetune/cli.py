@@ -17,7 +17,7 @@ from typing import Literal
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from . import environment, fusion, secrets
+from . import environment, secrets
 from .errors import Finished, Stopped, UsageError, WriteFailed
 
 # Schedules the Trainer names (transformers.SchedulerType), those that need no extra arguments.
@@ -310,11 +310,19 @@ class TrainArguments:
         if self.fp8_matmuls:
             require(self.quantization == "4bit", f"--fp8_matmuls multiplies a 4-bit base in FP8; with --quantization "
                                                  f"{self.quantization} leave it out (fp8 stores the base in FP8)")
-            require(fusion.takes_fused_path(self), "--fp8_matmuls runs on the fused LoRA path: it needs --fuse_lora, "
+            require(self.takes_fused_path, "--fp8_matmuls runs on the fused LoRA path: it needs --fuse_lora, "
                                        "--lora_dropout 0 and none of --mixed_precision, --fp32_adapter, --fp32_upcast")
         self.model = local_path(self.model)
         self.dataset = local_path(self.dataset)
         self.eval_dataset = local_path(self.eval_dataset) if self.eval_dataset.strip() else ""
+
+    @property
+    def takes_fused_path(self) -> bool:
+        """Whether the adapted layers take finetune/fusion.py's one-function path (_LoraLinear), where a down projection
+        after a tanh GELU can recompute the GELU's output and a 4-bit base can multiply in FP8: what its layers check
+        as they run, asked of the settings before the model loads."""
+        return (self.fuse_lora and self.lora_dropout == 0 and self.quantization != "8bit"
+                and not (self.mixed_precision or self.fp32_adapter or self.fp32_upcast))
 
     @property
     def warmup(self) -> int | float:

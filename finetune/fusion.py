@@ -141,14 +141,6 @@ def _frozen_base(layer, x):
     return (weight, scale, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
 
 
-def takes_fused_path(args) -> bool:
-    """Whether a run's adapted layers take _LoraLinear's path, where a down projection after a tanh GELU can recompute
-    the GELU's output and a 4-bit base can multiply in FP8 (what _frozen_base and _fused_lora_forward check, in the
-    run's settings: asked before the model loads)."""
-    return (args.fuse_lora and args.lora_dropout == 0 and args.quantization != "8bit"
-            and not (args.mixed_precision or args.fp32_adapter or args.fp32_upcast))
-
-
 def _fused_lora_forward(self, x, *args, **kwargs):
     """peft's lora.Linear forward as one _LoraLinear where it applies, else with B, its scale and the add in one
     addmm; any case but the plain one is peft's own. A down projection whose GELU moved here applies it first."""

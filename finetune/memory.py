@@ -55,7 +55,7 @@ class Shape:
     hidden: int
     mlp: int  # the MLP's inner width, doubled for a gated MLP (gate and up projections)
     mlp_kept: int  # the MLP activation values kept per token: its pre-activations, and the post-activation if adapted
-    mlp_recomputable: int  # of those, what the fused path can recompute instead (fusion.takes_fused_path)
+    mlp_recomputable: int  # of those, what the fused path can recompute instead (cli.TrainArguments.takes_fused_path)
     vocab: int
 
 
@@ -153,7 +153,7 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
     if available is None:
         return (layers if requested is None else requested), False
     shape = shape_of(config, args.lora_r, lora_targets)
-    can_recompute = fusion.takes_fused_path(args)
+    can_recompute = args.takes_fused_path
 
     def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
         return estimate(shape, args.quantization, args.batch_size, args.seq_length, checkpointed, args.fp32_upcast,
@@ -179,7 +179,7 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
     shape = shape_of(config, args.lora_r, lora_targets)
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
                     checkpointed_layers=shape.layers if requested is None else requested,
-                    fp32_upcast=args.fp32_upcast, recompute_gelu=fusion.takes_fused_path(args),
+                    fp32_upcast=args.fp32_upcast, recompute_gelu=args.takes_fused_path,
                     fp8_matmuls=args.fp8_matmuls)
     needed = estimate(shape, **settings, chunked_loss=chunked_loss)
     if needed["total"] <= available:
