@@ -11,6 +11,8 @@ and transformers' and peft's FP8 support is inference-only. Needs compute capabi
 NVIDIA's Hopper and Ada whitepapers): not the A100, whose tensor cores have no FP8.
 """
 
+import types
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -81,19 +83,23 @@ def input_grad_rows(grad_rows, weight_t, weight_scale):
 
 
 class _FrozenFloat8Matmul(torch.autograd.Function):
-    """y = x W^T + b with W frozen in FP8. The backward is the input gradient only, and the forward saves no
-    activation for it."""
+    """y = x W^T + b with W frozen in FP8, or in 4 bits and made FP8 as it multiplies (`from_4bit_weight`). The
+    backward is the input gradient only, and the forward saves no activation for it."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias):
+    def forward(ctx, x, weight, weight_scale, bias, from_4bit_weight: bool):
         ctx.save_for_backward(weight, weight_scale)
-        return forward_rows(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias).view(*x.shape[:-1], -1)
+        ctx.from_4bit_weight = from_4bit_weight
+        values = from_4bit(weight, weight_scale) if from_4bit_weight else weight
+        bias = None if bias is None else bias.to(x.dtype)  # _scaled_mm adds it in the output's dtype
+        return forward_rows(x.reshape(-1, x.shape[-1]), values, weight_scale, bias).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), transposed(weight), weight_scale)
-        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
+        weight_t = from_4bit(weight, weight_scale, transpose=True) if ctx.from_4bit_weight else transposed(weight)
+        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight_t, weight_scale)
+        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None, None
 
 
 class Float8Linear(torch.nn.Linear):
@@ -110,7 +116,7 @@ class Float8Linear(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias, False)
 
 
 def dequantized(weight) -> torch.Tensor:
@@ -140,6 +146,23 @@ def from_4bit(weight, row_scales: torch.Tensor, transpose: bool = False) -> torc
     from . import fp8_kernels
 
     return fp8_kernels.from_nf4(weight.data, weight.quant_state, row_scales, transpose)
+
+
+def _forward_4bit_in_fp8(self, x):
+    return _FrozenFloat8Matmul.apply(x, self.weight, self.fp8_row_scales, self.bias, True)
+
+
+def multiply_4bit_in_fp8(model) -> int:
+    """--fp8_matmuls: every bitsandbytes 4-bit layer of `model` (LoRA's bases, and the layers LoRA leaves alone:
+    StarCoder's c_fc, 40% of its weights) multiplies in FP8 through from_4bit, with its row scales found now (as
+    `fp8_row_scales`, which finetune/fusion.py's LoRA layers read too). Returns how many layers."""
+    import bitsandbytes
+
+    layers = [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    for layer in layers:
+        layer.fp8_row_scales = row_scales_of_4bit(layer.weight)
+        layer.forward = types.MethodType(_forward_4bit_in_fp8, layer)
+    return len(layers)
 
 
 def convert(model, device: torch.device | None = None, skip=("lora_A", "lora_B")) -> int:

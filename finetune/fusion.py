@@ -137,7 +137,7 @@ def _frozen_base(layer, x):
     weight = base.weight
     dtype = weight.quant_state.dtype if hasattr(weight, "quant_state") else weight.dtype
     kind = type(base).__name__
-    scale = getattr(layer, "_fp8_row_scales", None)
+    scale = getattr(base, "fp8_row_scales", None)  # a 4-bit base multiplied in FP8 (fp8.multiply_4bit_in_fp8)
     return (weight, scale, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
 
 
@@ -150,7 +150,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
         return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute",
-                                 hasattr(self, "_fp8_row_scales"))
+                                 hasattr(self.base_layer, "fp8_row_scales"))
     if gelu:
         x = _gelu(x)
     if name is None:
@@ -216,20 +216,18 @@ def recomputes_gelu(model) -> bool:
     return any(getattr(module, "_gelu_input", None) == "recompute" for module in model.modules())
 
 
-def fuse_lora(model, recompute_gelu: bool = False, fp8_matmuls: bool = False) -> int:
-    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base) the fused forward (a
-    down projection adapted after a tanh GELU the GELU too, its output recomputed in the backward with
-    `recompute_gelu`; a 4-bit base multiplied in FP8 with `fp8_matmuls`), and sibling layers over FP8 bases their
-    shared forward; returns how many layers were fused. Call it once the model is on its device (a sibling's weight
-    is a view of the shared one)."""
+def fuse_lora(model, recompute_gelu: bool = False) -> int:
+    """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base, a 4-bit one multiplied
+    in FP8 after fp8.multiply_4bit_in_fp8) the fused forward (a down projection adapted after a tanh GELU the GELU
+    too, its output recomputed in the backward with `recompute_gelu`), and sibling layers over FP8 bases their shared
+    forward; returns how many layers were fused. Call it once the model is on its device (a sibling's weight is a
+    view of the shared one)."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
             module.forward = types.MethodType(_fused_lora_forward, module)
-            if fp8_matmuls and type(module).__name__ == "Linear4bit":
-                module._fp8_row_scales = fp8.row_scales_of_4bit(module.base_layer.weight)
             fused += 1
     for module in list(model.modules()):
         activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)

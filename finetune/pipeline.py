@@ -113,8 +113,10 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     if fp8_base:
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
         model.to(modeling.device())  # the rest: embeddings, norms, LoRA
+    if args.fp8_matmuls:
+        fp8.multiply_4bit_in_fp8(model)
     if args.fuse_lora:
-        fusion.fuse_lora(model, recompute_gelu, args.fp8_matmuls)
+        fusion.fuse_lora(model, recompute_gelu)
     if args.compile_layers:
         fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the

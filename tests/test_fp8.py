@@ -199,7 +199,7 @@ def test_the_4_bit_to_e4m3_kernel_gives_bitsandbytes_unpacking_quantized_on_a_gp
 @needs_scaled_mm
 def test_the_lean_fp8_recipe_trains_its_4_bit_base_in_fp8(tmp_path, monkeypatch):
     """--recipe lean_fp8 through the real pipeline and Trainer: the NF4 base stays stored in 4 bits (no FP8 layer
-    replaces it), every adapted layer multiplies in FP8, and the run learns. The GPU's FP8 tensor cores are what the
+    replaces it), every 4-bit layer multiplies in FP8, adapted or not, and the run learns. The GPU's FP8 tensor cores are what the
     CPU lacks: its FP8 matmul stands in."""
     from conftest import tiny_args
     from finetune import cli, pipeline, training
@@ -209,13 +209,17 @@ def test_the_lean_fp8_recipe_trains_its_4_bit_base_in_fp8(tmp_path, monkeypatch)
     args = tiny_args(tmp_path, **{**cli.RECIPES["lean_fp8"], "seq_length": 64, "batch_size": 2}, dtype="bfloat16",
                      max_train_steps=4, learning_rate=1e-3)
     run = pipeline.prepare(args)
-    layers = [m for m in run.model.modules() if hasattr(m, "_fp8_row_scales")]
-    assert layers and all(type(m.base_layer).__name__ == "Linear4bit" for m in layers)
+    import bitsandbytes
+
+    layers = [m for m in run.model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert len(layers) == 4 * 4 and all(hasattr(m, "fp8_row_scales") for m in layers)
     assert not any(isinstance(m, fp8.Float8Linear) for m in run.model.modules())
     trainer = training.build_trainer(args, run)
     training.train(trainer, args, run)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert len(made) > 4 * len(layers) and len(losses) == 4 and losses[-1] < losses[0]
+    # each step: every layer's forward, its recompute (all checkpointed on the CPU) and backward, but the first
+    # c_attn's backward (the embeddings' gradient is not needed); evaluation adds forwards
+    assert len(made) >= 4 * (3 * len(layers) - 1) and len(losses) == 4 and losses[-1] < losses[0]
 
 
 @pytest.mark.skipif(fp8.unsupported_reason() is None, reason="this machine has FP8 tensor cores")
