@@ -90,7 +90,7 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
              fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False,
              fp8_matmuls: bool = False) -> dict[str, float]:
     """GiB by component, and `total`: the peak of a training step with its first `checkpointed_layers` decoder layers
-    checkpointed (`recompute_gelu`, `fp8_matmuls`: fusion.fuse_lora's)."""
+    checkpointed (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
