@@ -73,8 +73,6 @@ RECIPES = {
     "lean_all": dict(cli.RECIPES["lean"], checkpointed_layers="all"),
     "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
     "lean_b2_all": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all"),
-    "lean_fp8": cli.RECIPES["lean_fp8"],
-    "lean_fp8_all": dict(cli.RECIPES["lean_fp8"], checkpointed_layers="all"),
 }
 
 
@@ -203,7 +201,7 @@ def run_one(entry: str, options) -> dict:
         checkpointed = sum(layer.gradient_checkpointing for layer in modeling.decoder_layers(model))
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
                                     args.seq_length, checkpointed, args.fp32_upcast,
-                                    recompute_gelu=recompute_gelu, fp8_matmuls=args.fp8_matmuls)["total"]
+                                    recompute_gelu=recompute_gelu)["total"]
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
         fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
                               tokenizer.eos_token_id) if options.fim_rate else None
@@ -433,14 +431,13 @@ def main(options) -> list[dict]:
     print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{notes}, "
           f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
           f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak; cap: the GPU memory a run was given")
-    print(f"{'recipe':18s} {'quant':8s} {'batch x seq':>11s} {'ckpt':>5s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>5s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'MFU8':>6s} {'peak GiB':>8s} {'cap GiB':>7s}")
     for row in results:
         if "tokens_per_second" not in row:
             print(f"{row['recipe']:18s} {row['status']}: {row['error']}")
             continue
-        quantization = row.get("quantization", "4bit") + ("+fp8" if row.get("fp8_matmuls") else "")
-        print(f"{row['recipe']:18s} {quantization:8s} {row['batch_size']:>4d} x "
+        print(f"{row['recipe']:18s} {row.get('quantization', '4bit'):5s} {row['batch_size']:>4d} x "
               f"{row['seq_length']:<4d} {row.get('checkpointed_layers', 0):>5d} "
               f"{row['tokens_per_second']:9.0f} {row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} "
               f"{row['model_tflops'] / (row.get('fp8_peak_tflops') or math.inf):6.1%} "

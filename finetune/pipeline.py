@@ -37,7 +37,7 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     when not given they are built the same way from `args`."""
     tracking.choose_mode(args)
     hub.check(args)
-    modeling.check_quantization(args.quantization, args.fp8_matmuls)
+    modeling.check_quantization(args.quantization)
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
@@ -113,8 +113,6 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     if fp8_base:
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
         model.to(modeling.device())  # the rest: embeddings, norms, LoRA
-    if args.fp8_matmuls:
-        fp8.multiply_4bit_in_fp8(model)
     if args.fuse_lora:
         fusion.fuse_lora(model, recompute_gelu)
     if args.compile_layers:
