@@ -39,7 +39,8 @@ def on_triton_interpreter(code: str) -> str:
 
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "TRITON_INTERPRET": "1",  # and the packages a PYTHONPATH adds
+                               "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))})
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
