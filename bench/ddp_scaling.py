@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.recipes import add_run_arguments, check_run_arguments, run_recipe, write_json  # noqa: E402
+from bench.recipes import add_run_arguments, check_recipes, check_run_arguments, run_recipe, write_json  # noqa: E402
 from finetune import manifest  # noqa: E402
 
 
@@ -66,4 +66,5 @@ if __name__ == "__main__":
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run; 1 must come first, as the baseline")
     options = parser.parse_args()
     check_run_arguments(parser, options)
+    check_recipes(parser, options.recipes)
     main(options)

@@ -162,9 +162,11 @@ class CudaEventTimer:
 
 def recipe_and_cap(entry: str, default_cap: float) -> tuple[str, float]:
     """`NAME` or `NAME@GIB` of --recipes: a recipe and the GPU memory it runs under (`fp8,lean@16`: one table with
-    each recipe on its own card's memory); without `@`, --memory_cap_gib's."""
-    name, _, cap = entry.partition("@")
-    return name, float(cap) if cap else default_cap
+    each recipe on its own card's memory); without `@`, --memory_cap_gib's. ValueError for anything else."""
+    name, at, cap = entry.partition("@")
+    if name not in RECIPES or at and not cap.replace(".", "", 1).isdigit():
+        raise ValueError(f"{entry!r} is not NAME or NAME@GIB with NAME from {', '.join(RECIPES)}")
+    return name, float(cap) if at else default_cap
 
 
 def run_one(entry: str, options) -> dict:
@@ -416,6 +418,15 @@ def check_run_arguments(parser: argparse.ArgumentParser, options) -> None:
         parser.error(f"--memory_cap_gib {options.memory_cap_gib}: a number of GiB (0: no cap)")
 
 
+def check_recipes(parser: argparse.ArgumentParser, recipes: str) -> None:
+    """--recipes, here and in bench/ddp_scaling.py: each entry a recipe of RECIPES, NAME or NAME@GIB."""
+    for entry in recipes.split(","):
+        try:
+            recipe_and_cap(entry, 0.0)
+        except ValueError as error:
+            parser.error(f"--recipes: {error}")
+
+
 def main(options) -> list[dict]:
     ceiling = matmul_ceiling()
     header = {**manifest.provenance(), "bf16_matmul_tflops": ceiling}
@@ -466,10 +477,7 @@ if __name__ == "__main__":
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     check_run_arguments(parser, options)
-    for entry in options.recipes.split(","):
-        name, at, cap = entry.partition("@")
-        if name not in RECIPES or at and not cap.replace(".", "", 1).isdigit():
-            parser.error(f"--recipes: {entry!r} is not NAME or NAME@GIB with NAME from {', '.join(RECIPES)}")
+    check_recipes(parser, options.recipes)
     if options.profile and options.warmup < 1:
         parser.error("--profile profiles the last warm-up step: give --warmup 1 or more")
     if options.one:

@@ -140,9 +140,10 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     assert "tokens/s" in done.stdout
 
 
+@pytest.mark.parametrize("script", ["bench/recipes.py", "bench/ddp_scaling.py"])
 @pytest.mark.parametrize("entry", ["fastest", "fast@", "fast@16GB", "fast@-1"])
-def test_bench_refuses_a_recipe_it_does_not_have(entry):
-    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes", f"fp8,{entry}"],
+def test_bench_refuses_a_recipe_it_does_not_have(script, entry):
+    done = subprocess.run([sys.executable, script, "--size", "tiny", "--recipes", f"fp8,{entry}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and f"{entry!r} is not NAME or NAME@GIB" in done.stderr, done.stderr[-2000:]
 
