@@ -73,6 +73,11 @@ RECIPES = {
     "lean_all": dict(cli.RECIPES["lean"], checkpointed_layers="all"),
     "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
     "lean_b2_all": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all"),
+    # "_offN": N of the checkpointed layers offloaded to CPU memory instead of recomputed (finetune/offload.py)
+    "lean_off20": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=20),
+    "lean_off40": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=40),
+    "lean_b2_off40": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offloaded_layers=40),
+    "fp8_lean_off20": dict(cli.RECIPES["fp8_lean"], offloaded_layers=20),
 }
 
 
@@ -170,7 +175,7 @@ def recipe_and_cap(entry: str, default_cap: float) -> tuple[str, float]:
 
 
 def run_one(entry: str, options) -> dict:
-    from finetune import architecture, fim, fusion, memory, modeling, pipeline, training
+    from finetune import architecture, fim, fusion, memory, modeling, offload, pipeline, training
     from flops_counter import TFLOPSCallback, flops_per_token
 
     name, memory_cap_gib = recipe_and_cap(entry, options.memory_cap_gib)
@@ -200,10 +205,12 @@ def run_one(entry: str, options) -> dict:
         del state_dict
         load_seconds = time.perf_counter() - started
         recompute_gelu = fusion.recomputes_gelu(model)
-        checkpointed = sum(layer.gradient_checkpointing for layer in modeling.decoder_layers(model))
+        layers = modeling.decoder_layers(model)
+        offloaded = offload.offloaded(layers)
+        checkpointed = sum(layer.gradient_checkpointing for layer in layers) + offloaded
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
-                                    args.seq_length, checkpointed, args.fp32_upcast,
-                                    recompute_gelu=recompute_gelu)["total"]
+                                    args.seq_length, checkpointed, args.fp32_upcast, recompute_gelu=recompute_gelu,
+                                    offloaded_layers=offloaded)["total"]
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
         fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
                               tokenizer.eos_token_id) if options.fim_rate else None
@@ -224,7 +231,7 @@ def run_one(entry: str, options) -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"recipe": name, **recipe, "family": options.family, "size": options.size, "data": options.data,
               "fim_rate": options.fim_rate, "memory_cap_gib": memory_cap_gib, "load_seconds": load_seconds,
-              "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed,
+              "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed, "offloaded_layers": offloaded,
               "estimated_memory_gib": estimated,
               **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
@@ -441,15 +448,16 @@ def main(options) -> list[dict]:
     notes = f", {options.fim_rate:.0%} of them FIM" if options.fim_rate else ""
     print(f"\n{header['device']}, {options.family}-{options.size} random weights, {options.data} data{notes}, "
           f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
-          f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak; cap: the GPU memory a run was given")
-    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>5s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
-          f"{'MFU8':>6s} {'peak GiB':>8s} {'cap GiB':>7s}")
+          f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak; ckpt: layers checkpointed, off: of "
+          f"them offloaded instead; cap: the GPU memory a run was given")
+    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>5s} {'off':>4s} {'tokens/s':>9s} "
+          f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU8':>6s} {'peak GiB':>8s} {'cap GiB':>7s}")
     for row in results:
         if "tokens_per_second" not in row:
             print(f"{row['recipe']:18s} {row['status']}: {row['error']}")
             continue
         print(f"{row['recipe']:18s} {row.get('quantization', '4bit'):5s} {row['batch_size']:>4d} x "
-              f"{row['seq_length']:<4d} {row.get('checkpointed_layers', 0):>5d} "
+              f"{row['seq_length']:<4d} {row.get('checkpointed_layers', 0):>5d} {row.get('offloaded_layers', 0):>4d} "
               f"{row['tokens_per_second']:9.0f} {row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} "
               f"{row['model_tflops'] / (row.get('fp8_peak_tflops') or math.inf):6.1%} "
               f"{row.get('peak_memory_gib', 0):8.1f} {row['memory_cap_gib'] or '-':>7}")

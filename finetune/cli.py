@@ -177,6 +177,10 @@ class TrainArguments:
         "help": "With --gradient_checkpointing, which decoder layers recompute their activations: all; a number n, "
                 "the first n, the rest keep theirs and skip the recompute; or fit, the fewest that let the run fit "
                 "the GPU's memory less 1 GiB by finetune/memory.py's estimate (all on the CPU)."})
+    offloaded_layers: int = field(default=0, metadata={
+        "help": "With --gradient_checkpointing, how many of the checkpointed layers, spread among them, keep their "
+                "activations in CPU memory instead of recomputing them (finetune/offload.py): copied out and back "
+                "over PCIe beside the compute. GPUs only: on the CPU they stay checkpointed."})
     fp32_upcast: bool = field(default=False, metadata={
         "help": "Keep fp32 copies of norms, embeddings and LM head (peft's prepare_model_for_kbit_training): the "
                 "classic QLoRA set-up; slower and larger, and bf16 norms train fine (docs/PERFORMANCE.md)."})
@@ -240,8 +244,8 @@ class TrainArguments:
                      "learning_rate",
                      "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "eval_steps", "logging_steps"),
-        "speed": ("recipe", "gradient_checkpointing", "checkpointed_layers", "fp32_upcast", "fp32_adapter",
-                  "mixed_precision", "fuse_lora", "compile_layers", "check_memory"),
+        "speed": ("recipe", "gradient_checkpointing", "checkpointed_layers", "offloaded_layers", "fp32_upcast",
+                  "fp32_adapter", "mixed_precision", "fuse_lora", "compile_layers", "check_memory"),
         "output and resume": ("output_dir", "resume", "overwrite_output_dir", "grace_period_seconds"),
         "W&B": ("report_to", "wandb_project"),
         "evaluation": ("humaneval", "humaneval_infilling", "humaneval_limit"),
@@ -298,6 +302,13 @@ class TrainArguments:
         require(self.gradient_checkpointing or layers == "all",
                 f"--checkpointed_layers {layers} chooses among the layers --gradient_checkpointing checkpoints: add "
                 f"it (with --gradient_checkpointing false, --recipe lean and fp8_lean need --checkpointed_layers all)")
+        require(0 <= self.offloaded_layers <= MAX_COUNT, f"--offloaded_layers must be a number of layers, 0 or more, "
+                                                         f"got {self.offloaded_layers}")
+        require(self.gradient_checkpointing or not self.offloaded_layers,
+                f"--offloaded_layers {self.offloaded_layers} chooses among the layers --gradient_checkpointing "
+                f"checkpoints: add it")
+        require(not (self.offloaded_layers and self.compile_layers),
+                "--offloaded_layers is not built for compiled layers: give it or --compile_layers, not both")
         if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
             raise UsageError(f"--quantization fp8 computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} "
                              f"cannot be used with it")

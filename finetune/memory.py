@@ -84,9 +84,11 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
 
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointed_layers: int,
-             fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False) -> dict[str, float]:
-    """GiB by component, and `total`: the peak of a training step with its first `checkpointed_layers` decoder layers
-    checkpointed (`recompute_gelu`: fusion.fuse_lora's)."""
+             fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False,
+             offloaded_layers: int = 0) -> dict[str, float]:
+    """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
+    checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py),
+    and the rest keeping theirs (`recompute_gelu`: fusion.fuse_lora's)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
@@ -96,8 +98,10 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     kept = shape.mlp_kept - (shape.mlp_recomputable if recompute_gelu else 0)
     per_layer = compute * (HIDDEN_VALUES * shape.hidden + kept)
     # at the forward's end, the layers that kept theirs; later, once they are freed, one checkpointed layer rebuilt
-    kept_or_rebuilt = max(shape.layers - checkpointed_layers, 1 if checkpointed_layers else 0)
-    activations = tokens * (checkpointed_layers * compute * shape.hidden + kept_or_rebuilt * per_layer)
+    # or offloaded layer fetched back, and with offloading the next one's activations fetched ahead of it
+    recomputed = checkpointed_layers - offloaded_layers
+    kept_or_rebuilt = max(shape.layers - checkpointed_layers, 1 if checkpointed_layers else 0) + (offloaded_layers > 0)
+    activations = tokens * (recomputed * compute * shape.hidden + kept_or_rebuilt * per_layer)
     loss_tokens = min(tokens, 2048) if chunked_loss else tokens
     parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
              "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2}
@@ -152,7 +156,7 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
 
     def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
         return estimate(shape, args.quantization, args.batch_size, args.seq_length, checkpointed, args.fp32_upcast,
-                        chunked_loss, recompute_gelu)["total"] <= budget
+                        chunked_loss, recompute_gelu, min(args.offloaded_layers, checkpointed))["total"] <= budget
 
     if requested is None:
         budget = available - FIT_MARGIN_GIB
@@ -172,8 +176,9 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
     if available is None or not args.check_memory:
         return None
     shape = shape_of(config, args.lora_r, lora_targets)
+    checkpointed = shape.layers if requested is None else requested
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
-                    checkpointed_layers=shape.layers if requested is None else requested,
+                    checkpointed_layers=checkpointed, offloaded_layers=min(args.offloaded_layers, checkpointed),
                     fp32_upcast=args.fp32_upcast, recompute_gelu=fusion.can_recompute_gelu(args))
     needed = estimate(shape, **settings, chunked_loss=chunked_loss)
     if needed["total"] <= available:
@@ -187,7 +192,7 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
         return found
 
     smaller = sorted({args.batch_size // 2, 1} - {0, args.batch_size}, reverse=True)
-    every, checkpointed = shape.layers, settings["checkpointed_layers"]
+    every = shape.layers
     all_layers = "--checkpointed_layers all" if args.gradient_checkpointing else "--gradient_checkpointing"
     found = fitting({all_layers: dict(checkpointed_layers=every),
                      **{f"--batch_size {b}": dict(batch_size=b) for b in smaller},

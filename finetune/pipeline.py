@@ -12,7 +12,8 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig, set_seed
 
-from . import attention, checkpointing, chunked_loss, data, fim, fp8, fusion, hub, memory, modeling, tracking
+from . import (attention, checkpointing, chunked_loss, data, fim, fp8, fusion, hub, memory, modeling, offload,
+               tracking)
 from .cli import TrainArguments
 from .errors import UsageError
 
@@ -38,6 +39,9 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     tracking.choose_mode(args)
     hub.check(args)
     modeling.check_quantization(args.quantization)
+    if args.offloaded_layers and modeling.fsdp_enabled():
+        raise UsageError("--offloaded_layers is not built for FSDP, whose gathered weights it would copy out as "
+                         "activations: give --offloaded_layers 0")
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
@@ -105,10 +109,12 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     checkpointed, recompute_gelu = memory.plan(args, model.config, lora.target_modules,
                                                chunked_loss=not modeling.fsdp_enabled())
     modeling.checkpoint_only_first(model, checkpointed)
+    offloaded = offload.plan(checkpointed, args.offloaded_layers)
     if int(os.environ.get("RANK", 0)) == 0:
         model.print_trainable_parameters()
         if args.gradient_checkpointing:
-            print(f"activation checkpointing in {checkpointed} of {model.config.num_hidden_layers} decoder layers",
+            print(f"activation checkpointing in {checkpointed} of {model.config.num_hidden_layers} decoder layers"
+                  + (f", {len(offloaded)} of them offloaded to CPU memory instead of recomputed" if offloaded else ""),
                   flush=True)
     if fp8_base:
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
@@ -121,4 +127,7 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     # chunked loss's own forward would not go through.
     if not modeling.fsdp_enabled() and not any(p.requires_grad for p in model.get_output_embeddings().parameters()):
         chunked_loss.use(model.get_base_model())
+    if offloaded:
+        layers = modeling.decoder_layers(model)
+        offload.use(model, [layers[i] for i in offloaded])
     return model

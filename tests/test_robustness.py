@@ -120,6 +120,12 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
                                                "--gradient_checkpointing checkpoints"),
     (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "9"],
      "--checkpointed_layers 9 is more than the model's 4 decoder layers"),
+    (lambda d: ["--offloaded_layers", "2"], "--offloaded_layers 2 chooses among the layers "
+                                            "--gradient_checkpointing checkpoints"),
+    (lambda d: ["--gradient_checkpointing", "--offloaded_layers", "-1"],
+     "--offloaded_layers must be a number of layers, 0 or more, got -1"),
+    (lambda d: ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
+     "--offloaded_layers is not built for compiled layers"),
     (lambda d: ["--push_to_hub", "--hub_model_id", "not an id!"], "is not a Hub repository id"),
     (lambda d: ["--model", str(d / "no-weights")], "holds a config.json but no weights"),
     (lambda d: ["--model", str(d / "other-shape")], "the config and the weights are of different models"),

@@ -128,15 +128,18 @@ def test_recipe_presets_yield_to_explicit_flags():
 
 def test_bench_runs_recipes_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes", "fast,tutorial@24",
-                           "--steps", "1", "--warmup", "1", "--seq_length", "32", "--json", str(out)],
+    done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes",
+                           "fast,tutorial@24,lean_off20", "--steps", "1", "--warmup", "1", "--seq_length", "32",
+                           "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["versions"]["torch"] and results["versions"]["transformers"] and results["device"]
-    assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial"]
-    assert [row["memory_cap_gib"] for row in results["results"]] == [0.0, 24.0]  # each recipe on its own card
+    assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial", "lean_off20"]
+    assert [row["memory_cap_gib"] for row in results["results"]] == [0.0, 24.0, 0.0]  # each recipe on its own card
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
+    lean = results["results"][2]  # on the CPU nothing is offloaded: every layer stays checkpointed
+    assert lean["offloaded_layers"] == 0 and lean["checkpointed_layers"] == 4
     assert "tokens/s" in done.stdout
 
 

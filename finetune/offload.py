@@ -1,0 +1,144 @@
+"""Activation offloading: decoder layers that keep their activations in CPU memory instead of recomputing them.
+
+A checkpointed layer runs its forward twice; an offloaded one runs it once. Each activation its backward needs is
+copied to pinned CPU memory on a side stream as the forward makes it, and copied back on that stream one offloaded
+layer ahead of the backward that needs it, so both copies run beside the compute. PCIe bounds how many layers can
+(about 50 GB/s each way on PCIe 5.0 x16, against 4.8 TB/s of an H200's HBM): spread among the checkpointed layers,
+each offloaded layer's copy has the time of the layers around it. As torchtune's OffloadActivations and Unsloth's
+offloaded checkpointing, through autograd's saved-tensor hooks.
+
+Each GPU storage is copied once per layer however many saved tensors view it (FlashAttention's q, k and v; a LoRA
+layer's input that the attention saved as its output), and each tensor comes back as the same view of its storage.
+Weights and small tensors (norm statistics, sequence offsets, RNG state) are saved as they are.
+"""
+
+import torch
+
+MIN_BYTES = 1 << 20  # below this a copy's fixed cost outweighs the memory it frees
+
+
+def spread(checkpointed: int, offloaded: int) -> list[int]:
+    """Which of the first `checkpointed` layers to offload instead: `offloaded` of them (at most all), evenly spaced,
+    so that checkpointed layers sit between the copies."""
+    count = min(offloaded, checkpointed)
+    return [(2 * i + 1) * checkpointed // (2 * count) for i in range(count)]
+
+
+def plan(checkpointed: int, offloaded: int) -> list[int]:
+    """spread() on a GPU; none on the CPU, where the activations are in CPU memory already: the layers stay
+    checkpointed."""
+    return spread(checkpointed, offloaded) if torch.cuda.is_available() else []
+
+
+class _Layer:
+    """One offloaded layer's saved activations in one step."""
+
+    def __init__(self):
+        self.host: dict[int, torch.Tensor] = {}  # GPU storage address -> its bytes in CPU memory
+        self.sources: list[torch.Tensor] = []  # those storages, held while the forward runs: an address stays theirs
+        self.device: dict[int, torch.Tensor] | None = None  # the bytes back on the GPU, once fetched
+        self.ready = None  # CUDA event: the fetch has landed
+        self.unread = 0  # saved tensors the backward has not read yet
+
+
+class Offloader:
+    """The saved-tensor hooks and their state; see use()."""
+
+    def __init__(self, model, layers: list[torch.nn.Module]):
+        self.model = model
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        self.weights: set[int] | None = None  # storage addresses of the model's parameters and buffers
+        self.stream = None
+        self.layers: dict[int, _Layer] = {}
+        self.current: int | None = None  # the offloaded layer whose forward runs
+        self.reading: int | None = None  # the offloaded layer whose backward runs
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def enter(self, module, args):
+        if self.weights is None:  # once the model is where it trains
+            self.weights = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        self.current = self.index[module]
+        self.layers[self.current] = _Layer()
+        self.reading = None
+        self.hooks.__enter__()
+
+    def exit(self, module, args, output):
+        self.hooks.__exit__(None, None, None)
+        self.layers[self.current].sources.clear()  # a copy still running holds its source (record_stream)
+        self.current = None
+
+    def copy_stream(self, device: torch.device):
+        """The side stream the copies run on; None on the CPU, where torch.cuda.stream(None) does nothing."""
+        if device.type == "cuda" and self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream if device.type == "cuda" else None
+
+    @torch.no_grad()
+    def pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if self.current is None or key in self.weights or storage.nbytes() < MIN_BYTES:
+            return tensor
+        layer = self.layers[self.current]
+        if key not in layer.host:
+            source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            stream = self.copy_stream(tensor.device)
+            if stream is not None:  # the copy reads what the compute stream has written so far
+                stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                layer.host[key] = torch.empty(source.shape, dtype=torch.uint8, pin_memory=stream is not None)
+                layer.host[key].copy_(source, non_blocking=True)
+            if stream is not None:  # the allocator keeps the storage until the copy is done
+                source.record_stream(stream)
+            layer.sources.append(source)
+        layer.unread += 1
+        return self.current, key, tensor.device, tensor.dtype, tensor.shape, tensor.stride(), tensor.storage_offset()
+
+    @torch.no_grad()
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        index, key, device, dtype, shape, stride, offset = packed
+        layer = self.layers[index]
+        if self.reading != index:  # this layer's backward begins: fetch its activations, and the next layer's
+            self.reading = index
+            self.fetch(layer, device)
+            earlier = [i for i in self.layers if i < index]
+            if earlier:
+                self.fetch(self.layers[max(earlier)], device)
+            if layer.ready is not None:
+                torch.cuda.current_stream(device).wait_event(layer.ready)
+        tensor = layer.device[key].view(dtype).as_strided(shape, stride, offset)
+        layer.unread -= 1
+        if not layer.unread:  # the backward holds what it still needs; this step is done with the rest
+            del self.layers[index]
+        return tensor
+
+    def fetch(self, layer: _Layer, device: torch.device):
+        if layer.device is not None:
+            return
+        stream = self.copy_stream(device)
+        with torch.cuda.stream(stream):
+            layer.device = {key: host.to(device, non_blocking=True) for key, host in layer.host.items()}
+            if stream is not None:
+                layer.ready = torch.cuda.Event()
+                layer.ready.record(stream)
+        if stream is not None:  # read on the compute stream: not reused before it is done there
+            for tensor in layer.device.values():
+                tensor.record_stream(torch.cuda.current_stream(device))
+
+
+def use(model, layers: list[torch.nn.Module]) -> Offloader:
+    """`layers` (decoder layers of `model`) keep their activations in CPU memory instead of recomputing them."""
+    offloader = Offloader(model, layers)
+    for layer in layers:
+        layer.gradient_checkpointing = False
+        layer.offloads_activations = True
+        layer.register_forward_pre_hook(offloader.enter)
+        layer.register_forward_hook(offloader.exit, always_call=True)
+    return offloader
+
+
+def offloaded(layers: list[torch.nn.Module]) -> int:
+    """How many of these decoder layers offload their activations."""
+    return sum(getattr(layer, "offloads_activations", False) for layer in layers)
