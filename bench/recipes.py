@@ -77,7 +77,6 @@ RECIPES = {
     "lean_off20": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=20),
     "lean_off40": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=40),
     "lean_b2_off40": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offloaded_layers=40),
-    "fp8_lean_off20": dict(cli.RECIPES["fp8_lean"], offloaded_layers=20),
 }
 
 

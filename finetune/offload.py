@@ -2,10 +2,14 @@
 
 A checkpointed layer runs its forward twice; an offloaded one runs it once. Each activation its backward needs is
 copied to pinned CPU memory on a side stream as the forward makes it, and copied back on that stream one offloaded
-layer ahead of the backward that needs it, so both copies run beside the compute. PCIe bounds how many layers can
-(about 50 GB/s each way on PCIe 5.0 x16, against 4.8 TB/s of an H200's HBM): spread among the checkpointed layers,
-each offloaded layer's copy has the time of the layers around it. As torchtune's OffloadActivations and Unsloth's
-offloaded checkpointing, through autograd's saved-tensor hooks.
+layer ahead of the backward that needs it, so both copies run beside the compute. Spread among the checkpointed
+layers, each offloaded layer's copy has the time of the layers around it. As torchtune's OffloadActivations and
+Unsloth's offloaded checkpointing, through autograd's saved-tensor hooks.
+
+PCIe bounds it: 46.5 GB/s each way with both directions busy (PCIe 5.0 x16, an H100), against about 280 MB (by
+count) that a StarCoder-15B layer saves at 2,048 tokens. So it saves memory, not time: with every layer of `lean`
+offloaded, 0.9 GiB less and 1.9% slower than with every layer checkpointed (H100, 2026-12-07, docs/PERFORMANCE.md).
+No recipe uses it.
 
 Each GPU storage is copied once per layer however many saved tensors view it (FlashAttention's q, k and v; a LoRA
 layer's input that the attention saved as its output), and each tensor comes back as the same view of its storage.
