@@ -87,8 +87,8 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
              fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False,
              offloaded_layers: int = 0) -> dict[str, float]:
     """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
-    checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py),
-    and the rest keeping theirs (`recompute_gelu`: fusion.fuse_lora's)."""
+    checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py);
+    the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
