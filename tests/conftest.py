@@ -55,6 +55,22 @@ def tiny_args(output_dir, **overrides) -> TrainArguments:
     return TrainArguments(**settings)
 
 
+def train_counting_forwards(args: TrainArguments):
+    """Train a run through the pipeline; returns each decoder layer's checkpointing flag, how often its MLP ran a
+    forward (again in a checkpointed layer's recompute), and the logged losses."""
+    from finetune import modeling, pipeline, training
+
+    run = pipeline.prepare(args)
+    layers = modeling.decoder_layers(run.model)
+    calls = [0] * len(layers)
+    for index, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    trainer = training.build_trainer(args, run)
+    training.train(trainer, args, run)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return [layer.gradient_checkpointing for layer in layers], calls, losses
+
+
 def with_flags(common: list[str], extra: list[str]) -> list[str]:
     """`common` flag-value pairs with those that `extra` gives again left out (a flag given twice is refused), then
     `extra`."""

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import base_with_tflops
 import generate
-from conftest import tiny_args
+from conftest import tiny_args, train_counting_forwards
 from finetune import architecture, attention, cli, memory, modeling
 from finetune.cli import TrainArguments
 from flops_counter import TFLOPSCallback, flops_per_token, span
@@ -278,20 +278,10 @@ def test_a_run_short_of_memory_checkpoints_only_its_first_layers_and_learns_the_
     """--checkpointed_layers fit on a GPU that holds the run with some of its layers checkpointed: the pipeline leaves
     checkpointing on in the first ones only, which run their forward twice in a training step and the others once,
     and the losses are those of the run with every layer checkpointed."""
-    from finetune import pipeline, training
 
     def train(name, checkpointed_layers):
-        args = tiny_args(tmp_path / name, max_train_steps=2, eval_steps=2, gradient_checkpointing=True,
-                         checkpointed_layers=checkpointed_layers)
-        run = pipeline.prepare(args)
-        layers = modeling.decoder_layers(run.model)
-        calls = [0] * len(layers)
-        for index, layer in enumerate(layers):  # the MLP starts again in a checkpointed layer's recompute
-            layer.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
-        trainer = training.build_trainer(args, run)
-        training.train(trainer, args, run)
-        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        return [layer.gradient_checkpointing for layer in layers], calls, losses
+        return train_counting_forwards(tiny_args(tmp_path / name, max_train_steps=2, eval_steps=2,
+                                                 gradient_checkpointing=True, checkpointed_layers=checkpointed_layers))
 
     config = modeling.check_model("tiny-starcoder", 64, None)
     shape = memory.shape_of(config, 16, ["c_attn", "c_proj"])

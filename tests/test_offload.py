@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import base_with_tflops
-from conftest import tiny_args
-from finetune import architecture, cli, fusion, memory, modeling, offload, pipeline, training
+from conftest import tiny_args, train_counting_forwards
+from finetune import architecture, cli, fusion, memory, modeling, offload
 from finetune.cli import TrainArguments
 from test_fusion import loss_and_grads
 
@@ -132,17 +132,8 @@ def test_a_run_with_offloaded_layers_computes_each_forward_once_and_learns_as_th
     monkeypatch.setattr(offload, "plan", offload.spread)
 
     def train(name, offloaded):
-        args = tiny_args(tmp_path / name, max_train_steps=2, eval_steps=2, gradient_checkpointing=True,
-                         offloaded_layers=offloaded)
-        run = pipeline.prepare(args)
-        layers = modeling.decoder_layers(run.model)
-        calls = [0] * len(layers)
-        for index, layer in enumerate(layers):  # the MLP starts again in a checkpointed layer's recompute
-            layer.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
-        trainer = training.build_trainer(args, run)
-        training.train(trainer, args, run)
-        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        return [layer.gradient_checkpointing for layer in layers], calls, losses
+        return train_counting_forwards(tiny_args(tmp_path / name, max_train_steps=2, eval_steps=2,
+                                                 gradient_checkpointing=True, offloaded_layers=offloaded))
 
     flags, calls, losses = train("offloaded", 2)
     assert flags == [True, False, True, False]
