@@ -181,8 +181,8 @@ class TrainArguments:
         "help": "With --gradient_checkpointing, how many of the checkpointed layers, spread among them, keep their "
                 "activations in CPU memory instead of recomputing them (finetune/offload.py): copied out and back "
                 "over PCIe beside the compute. Saves memory, not time: StarCoder-15B's lean with all 40 offloaded "
-                "used 0.9 GiB less and ran 1.9%% slower (docs/PERFORMANCE.md). GPUs only: on the CPU they stay "
-                "checkpointed."})
+                "used 0.9 GiB less and ran 1.9%% slower (H100, 2026-12-07, docs/PERFORMANCE.md). GPUs only: on the "
+                "CPU they stay checkpointed."})
     fp32_upcast: bool = field(default=False, metadata={
         "help": "Keep fp32 copies of norms, embeddings and LM head (peft's prepare_model_for_kbit_training): the "
                 "classic QLoRA set-up; slower and larger, and bf16 norms train fine (docs/PERFORMANCE.md)."})

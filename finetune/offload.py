@@ -8,7 +8,8 @@ Unsloth's offloaded checkpointing, through autograd's saved-tensor hooks.
 
 PCIe bounds it: 46.5 GB/s each way with both directions busy (PCIe 5.0 x16, an H100), against about 280 MB (by
 count) that a StarCoder-15B layer saves at 2,048 tokens. So it saves memory, not time: with every layer of `lean`
-offloaded, 0.9 GiB less and 1.9% slower than with every layer checkpointed (H100, 2026-12-07, docs/PERFORMANCE.md).
+offloaded, 0.9 GiB less and 1.9% slower than with every layer checkpointed (H100, 2026-12-07, `python
+bench/recipes.py --size 15b --steps 4 --warmup 2 --recipes lean_all@11.5,lean_off40@11.5`; docs/PERFORMANCE.md).
 No recipe uses it.
 
 Each GPU storage is copied once per layer however many saved tensors view it (FlashAttention's q, k and v; a LoRA
