@@ -77,6 +77,8 @@ RECIPES = {
     "lean_off20": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=20),
     "lean_off40": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=40),
     "lean_b2_off40": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offloaded_layers=40),
+    "lean_fp8": cli.RECIPES["lean_fp8"],
+    "lean_fp8_all": dict(cli.RECIPES["lean_fp8"], checkpointed_layers="all"),
 }
 
 
@@ -209,7 +211,7 @@ def run_one(entry: str, options) -> dict:
         checkpointed = sum(layer.gradient_checkpointing for layer in layers) + offloaded
         estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
                                     args.seq_length, checkpointed, args.fp32_upcast, recompute_gelu=recompute_gelu,
-                                    offloaded_layers=offloaded)["total"]
+                                    offloaded_layers=offloaded, fp8_matmuls=args.fp8_matmuls)["total"]
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
         fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
                               tokenizer.eos_token_id) if options.fim_rate else None
@@ -449,13 +451,14 @@ def main(options) -> list[dict]:
           f"{header['date']}, torch {header['versions']['torch']}, bf16 matmul ceiling {ceiling or 0:.0f} TFLOP/s; "
           f"MFU against the dense bf16 peak, MFU8 against the dense FP8 peak; ckpt: layers checkpointed, off: of "
           f"them offloaded instead; cap: the GPU memory a run was given")
-    print(f"{'recipe':18s} {'quant':5s} {'batch x seq':>11s} {'ckpt':>5s} {'off':>4s} {'tokens/s':>9s} "
+    print(f"{'recipe':18s} {'quant':8s} {'batch x seq':>11s} {'ckpt':>5s} {'off':>4s} {'tokens/s':>9s} "
           f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU8':>6s} {'peak GiB':>8s} {'cap GiB':>7s}")
     for row in results:
         if "tokens_per_second" not in row:
             print(f"{row['recipe']:18s} {row['status']}: {row['error']}")
             continue
-        print(f"{row['recipe']:18s} {row.get('quantization', '4bit'):5s} {row['batch_size']:>4d} x "
+        quantization = row.get("quantization", "4bit") + ("+fp8" if row.get("fp8_matmuls") else "")
+        print(f"{row['recipe']:18s} {quantization:8s} {row['batch_size']:>4d} x "
               f"{row['seq_length']:<4d} {row.get('checkpointed_layers', 0):>5d} {row.get('offloaded_layers', 0):>4d} "
               f"{row['tokens_per_second']:9.0f} {row['model_tflops']:8.1f} {row.get('mfu', 0):6.1%} "
               f"{row['model_tflops'] / (row.get('fp8_peak_tflops') or math.inf):6.1%} "

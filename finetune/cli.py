@@ -161,14 +161,15 @@ class TrainArguments:
     eval_steps: int = field(default=20, metadata={"help": "Evaluate (and checkpoint) every this many steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the loss and throughput every this many steps."})
     # Speed
-    recipe: Literal["fast", "fp8", "bf16", "long", "fp8_lean", "lean", "qlora", "tutorial"] | None = field(
+    recipe: Literal["fast", "fp8", "bf16", "long", "fp8_lean", "lean", "lean_fp8", "qlora", "tutorial"] | None = field(
         default=None, metadata={
         "help": "Preset flags (explicit flags still win): fast = packed 4 x 2048; fp8 = fast with the base in FP8; "
                 "bf16 = fast with the base unquantized in bf16 (80 GB cards without FP8: A100); "
                 "long = whole files at StarCoder's full 8,192 tokens, 1 per batch, FP8 base (StarCoder2's 16,384: "
                 "add --seq_length 16384 --gradient_checkpointing); fp8_lean = FP8 base, packed 2 x 2048 with "
                 "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 1 x 2048 "
-                "with checkpointing (StarCoder-15B in 11 GiB with every layer checkpointed); both checkpoint only the "
+                "with checkpointing (StarCoder-15B in 11 GiB with every layer checkpointed); lean_fp8 = lean with "
+                "FP8 matmuls (a 16 GB card with FP8: RTX 4060 Ti 16 GB, 4080, 5080); these three checkpoint only the "
                 "layers the GPU needs (--checkpointed_layers fit); qlora = the common QLoRA recipe; tutorial = the "
                 "tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
     gradient_checkpointing: bool = field(default=False, metadata={
@@ -198,6 +199,10 @@ class TrainArguments:
                 "(finetune/fusion.py): the same sums in fewer passes; where a run would not fit otherwise, the GELU's "
                 "output is recomputed in the backward instead of kept (15 GiB less for StarCoder-15B at 4 x 2048; "
                 "docs/PERFORMANCE.md)."})
+    fp8_matmuls: bool = field(default=False, metadata={
+        "help": "With --quantization 4bit: multiply the NF4 base on FP8 tensor cores (compute capability 8.9+), each "
+                "weight dequantized to e4m3 with a scale per row as it is used, where --quantization fp8 would store "
+                "it in 8 bits; on the fused path only (--fuse_lora, no dropout, autocast or fp32 adapter)."})
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (GPUs only), fusing the elementwise work around the GEMMs; the "
                 "first steps pay the compilation."})
@@ -247,7 +252,7 @@ class TrainArguments:
                      "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "eval_steps", "logging_steps"),
         "speed": ("recipe", "gradient_checkpointing", "checkpointed_layers", "offloaded_layers", "fp32_upcast",
-                  "fp32_adapter", "mixed_precision", "fuse_lora", "compile_layers", "check_memory"),
+                  "fp32_adapter", "mixed_precision", "fuse_lora", "fp8_matmuls", "compile_layers", "check_memory"),
         "output and resume": ("output_dir", "resume", "overwrite_output_dir", "grace_period_seconds"),
         "W&B": ("report_to", "wandb_project"),
         "evaluation": ("humaneval", "humaneval_infilling", "humaneval_limit"),
@@ -311,12 +316,26 @@ class TrainArguments:
                 f"checkpoints: add it")
         require(not (self.offloaded_layers and self.compile_layers),
                 "--offloaded_layers is not built for compiled layers: give it or --compile_layers, not both")
-        if self.quantization == "fp8" and self.dtype not in ("auto", "bfloat16"):
-            raise UsageError(f"--quantization fp8 computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} "
-                             f"cannot be used with it")
+        fp8_option = "--quantization fp8" if self.quantization == "fp8" else "--fp8_matmuls" if self.fp8_matmuls else ""
+        if fp8_option and self.dtype not in ("auto", "bfloat16"):
+            raise UsageError(f"{fp8_option} computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} cannot be "
+                             f"used with it")
+        if self.fp8_matmuls:
+            require(self.quantization == "4bit", f"--fp8_matmuls multiplies a 4-bit base in FP8; with --quantization "
+                                                 f"{self.quantization} leave it out (fp8 stores the base in FP8)")
+            require(self.takes_fused_path, "--fp8_matmuls runs on the fused LoRA path: it needs --fuse_lora, "
+                                       "--lora_dropout 0 and none of --mixed_precision, --fp32_adapter, --fp32_upcast")
         self.model = local_path(self.model)
         self.dataset = local_path(self.dataset)
         self.eval_dataset = local_path(self.eval_dataset) if self.eval_dataset.strip() else ""
+
+    @property
+    def takes_fused_path(self) -> bool:
+        """Whether the adapted layers take finetune/fusion.py's one-function path (_LoraLinear), where a down projection
+        after a tanh GELU can recompute the GELU's output and a 4-bit base can multiply in FP8: what its layers check
+        as they run, asked of the settings before the model loads."""
+        return (self.fuse_lora and self.lora_dropout == 0 and self.quantization != "8bit"
+                and not (self.mixed_precision or self.fp32_adapter or self.fp32_upcast))
 
     @property
     def warmup(self) -> int | float:
@@ -347,6 +366,9 @@ RECIPES = {
     "fp8_lean": dict(quantization="fp8", batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True,
                      checkpointed_layers="fit"),
     "lean": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True, checkpointed_layers="fit"),
+    # 16 GB with FP8 tensor cores: lean's NF4 storage, its matmuls in FP8 (the base dequantized to e4m3, not bf16)
+    "lean_fp8": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True,
+                     checkpointed_layers="fit", fp8_matmuls=True),
     "qlora": dict(_CLASSIC, batch_size=8, seq_length=2048, packing=True, gradient_checkpointing=True),
     "tutorial": dict(_CLASSIC, quantization="8bit", dtype="float16", batch_size=1, seq_length=512),
 }

@@ -11,6 +11,8 @@ and transformers' and peft's FP8 support is inference-only. Needs compute capabi
 NVIDIA's Hopper and Ada whitepapers): not the A100, whose tensor cores have no FP8.
 """
 
+import types
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -70,31 +72,34 @@ def forward_rows(rows, weight, weight_scale, bias=None, gelu_out=None):
                             out_dtype=rows.dtype, use_fast_accum=True)
 
 
-def input_grad_rows(grad_rows, weight, weight_scale):
+def input_grad_rows(grad_rows, weight_t, weight_scale):
     """The input gradient of forward_rows, dy W = dy diag(s) Wq: s folds into dy's columns before dy is quantized by
-    rows, and Wq is transposed for this GEMM (a copy per layer and step, instead of a second stored copy of the
-    base)."""
+    rows; `weight_t` is Wq^T, (in, out), contiguous along `out`, the dimension the input gradient sums over: a copy
+    made per layer and step (transposed), instead of a second stored copy of the base."""
     values, scales = quantize_rows(grad_rows, column_scale=weight_scale.view(1, -1))
-    # (in, out): contiguous along `out`, the dimension the input gradient sums over
-    return torch._scaled_mm(values, transposed(weight).t(), scale_a=scales,
-                            scale_b=torch.ones(1, weight.shape[1], device=weight.device), out_dtype=grad_rows.dtype,
+    return torch._scaled_mm(values, weight_t.t(), scale_a=scales,
+                            scale_b=torch.ones(1, weight_t.shape[0], device=weight_t.device), out_dtype=grad_rows.dtype,
                             use_fast_accum=True)
 
 
 class _FrozenFloat8Matmul(torch.autograd.Function):
-    """y = x W^T + b with W frozen in FP8. The backward is the input gradient only, and the forward saves no
-    activation for it."""
+    """y = x W^T + b with W frozen in FP8, or in 4 bits and made FP8 as it multiplies (`from_4bit_weight`). The
+    backward is the input gradient only, and the forward saves no activation for it."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias):
+    def forward(ctx, x, weight, weight_scale, bias, from_4bit_weight: bool):
         ctx.save_for_backward(weight, weight_scale)
-        return forward_rows(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias).view(*x.shape[:-1], -1)
+        ctx.from_4bit_weight = from_4bit_weight
+        values = from_4bit(weight, weight_scale) if from_4bit_weight else weight
+        bias = None if bias is None else bias.to(x.dtype)  # _scaled_mm adds it in the output's dtype
+        return forward_rows(x.reshape(-1, x.shape[-1]), values, weight_scale, bias).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
-        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
+        weight_t = from_4bit(weight, weight_scale, transpose=True) if ctx.from_4bit_weight else transposed(weight)
+        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight_t, weight_scale)
+        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None, None
 
 
 class Float8Linear(torch.nn.Linear):
@@ -111,7 +116,7 @@ class Float8Linear(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias, False)
 
 
 def dequantized(weight) -> torch.Tensor:
@@ -121,6 +126,43 @@ def dequantized(weight) -> torch.Tensor:
 
         return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
     return weight.data
+
+
+# --fp8_matmuls: a 4-bit base multiplied in FP8. Its e4m3 values are made each time a layer multiplies and never
+# stored (a 16 GB card holds StarCoder-15B in NF4, 7.6 GiB, but not in FP8, 15.1 GiB); each row's scale, which the
+# frozen weight fixes, is found once.
+def row_scales_of_4bit(weight) -> torch.Tensor:
+    """The scale per row (out,) that _quantize_rows gives a bitsandbytes 4-bit weight unpacked to 16 bits."""
+    return _quantize_rows(dequantized(weight))[1].view(-1)
+
+
+def from_4bit(weight, row_scales: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight as e4m3 with `row_scales` (row_scales_of_4bit): the (out, in) values of
+    _quantize_rows(dequantized(weight)), as forward_rows takes them, or with `transpose` their (in, out) transpose,
+    as input_grad_rows does. On a GPU one kernel reads the 4 bits and writes the 8 (finetune/fp8_kernels.py)."""
+    if not weight.is_cuda or torch.compiler.is_compiling():
+        values = (dequantized(weight).float() / row_scales.view(-1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        return values.t().contiguous() if transpose else values
+    from . import fp8_kernels
+
+    return fp8_kernels.from_nf4(weight.data, weight.quant_state, row_scales, transpose)
+
+
+def _forward_4bit_in_fp8(self, x):
+    return _FrozenFloat8Matmul.apply(x, self.weight, self.fp8_row_scales, self.bias, True)
+
+
+def multiply_4bit_in_fp8(model) -> int:
+    """--fp8_matmuls: every bitsandbytes 4-bit layer of `model` (LoRA's bases, and the layers LoRA leaves alone:
+    StarCoder's c_fc, 40% of its weights) multiplies in FP8 through from_4bit, with its row scales found now (as
+    `fp8_row_scales`, which finetune/fusion.py's LoRA layers read too). Returns how many layers."""
+    import bitsandbytes
+
+    layers = [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    for layer in layers:
+        layer.fp8_row_scales = row_scales_of_4bit(layer.weight)
+        layer.forward = types.MethodType(_forward_4bit_in_fp8, layer)
+    return len(layers)
 
 
 def convert(model, device: torch.device | None = None, skip=("lora_A", "lora_B")) -> int:

@@ -1,5 +1,6 @@
 """The FP8 base's per-step work on the GPU as Triton kernels: each activation's and output gradient's quantization
-by rows, and the frozen weight's transpose for the backward (finetune/fp8.py calls them on a CUDA device).
+by rows, the frozen weight's transpose for the backward, and a 4-bit weight's e4m3 values where its matmuls run in
+FP8 (--fp8_matmuls) (finetune/fp8.py calls them on a CUDA device).
 
 Why our own rather than torch.compile's: each compiled call costs the CPU a guard check and a wrapper (46-51 against
 22-26 us a call, H100, 2026-12-06), where the FP8 step's backward has barely more GPU than CPU time per layer; and
@@ -103,3 +104,47 @@ def transposed(weight: torch.Tensor, block_rows: int = 128, block_columns: int =
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
     _transpose_kernel[grid](source, target, rows, columns, block_rows, block_columns)
     return target.view(weight.dtype)
+
+
+@triton.jit
+def _from_nf4_kernel(packed, code, absmax, nested_code, nested_absmax, offset, row_scales, values, rows, columns,
+                     blocksize: tl.constexpr, nested_blocksize: tl.constexpr, nested: tl.constexpr,
+                     transpose: tl.constexpr, e4m3_max: tl.constexpr, block_rows: tl.constexpr,
+                     block_columns: tl.constexpr):
+    r = tl.program_id(0) * block_rows + tl.arange(0, block_rows)
+    c = tl.program_id(1) * block_columns + tl.arange(0, block_columns)
+    inside = (r[:, None] < rows) & (c[None, :] < columns)
+    index = r[:, None].to(tl.int64) * columns + c[None, :]  # bitsandbytes packs the row-major weight, two a byte
+    byte = tl.load(packed + index // 2, mask=inside, other=0).to(tl.int32)
+    level = tl.load(code + tl.where(index % 2 == 0, byte >> 4, byte & 15))  # the first in the high nibble
+    block = index // blocksize
+    if nested:  # double quantization: each block's absmax is itself 8-bit, with a scale per nested block
+        scale = tl.load(nested_code + tl.load(absmax + block, mask=inside, other=0).to(tl.int32))
+        scale = scale * tl.load(nested_absmax + block // nested_blocksize, mask=inside, other=0.0) + tl.load(offset)
+    else:
+        scale = tl.load(absmax + block, mask=inside, other=0.0)
+    # the 16-bit value bitsandbytes' dequantization gives, then _quantize_rows' division by the row's scale
+    v = (level * scale).to(tl.bfloat16).to(tl.float32)
+    v = tl.math.div_rn(v, tl.load(row_scales + r, mask=r < rows, other=1.0)[:, None])
+    q = tl.clamp(v, -e4m3_max, e4m3_max).to(values.dtype.element_ty)
+    if transpose:
+        tl.store(values + c[None, :].to(tl.int64) * rows + r[:, None], q, mask=inside)
+    else:
+        tl.store(values + index, q, mask=inside)
+
+
+def from_nf4(packed: torch.Tensor, state, row_scales: torch.Tensor, transpose: bool = False,
+             block_rows: int = 64, block_columns: int = 128) -> torch.Tensor:
+    """fp8.from_4bit in one kernel: a bitsandbytes NF4/FP4 weight (`packed`, its QuantState `state`) as e4m3 with a
+    scale per row, (out, in) or with `transpose` (in, out); reads the 4 bits once and writes the 8, where unpacking to
+    bf16 and quantizing that reads and writes 5.5 bytes a weight."""
+    rows, columns = state.shape
+    values = torch.empty((columns, rows) if transpose else (rows, columns), dtype=E4M3, device=packed.device)
+    nested = state.nested
+    inner = state.state2 if nested else state  # unread where not nested
+    offset = state.offset if nested else state.absmax  # a tensor: read on the GPU, no synchronization
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
+    _from_nf4_kernel[grid](packed, state.code, state.absmax, inner.code, inner.absmax, offset, row_scales, values,
+                           rows, columns, state.blocksize, inner.blocksize, nested, transpose, E4M3_MAX, block_rows,
+                           block_columns, enable_fp_fusion=False)  # no fused multiply-adds: bitsandbytes rounds each
+    return values

@@ -17,6 +17,7 @@ The estimate (GiB, and what is in it):
   are fp32;
 - the loss: the chunked head's logits for 2,048 tokens at a time (bf16 logits, their fp32 copy and gradient), or
   every token's without it (FSDP);
+- with --fp8_matmuls, the largest weight in e4m3 and its transpose, made as a layer multiplies;
 - the backward's largest activation gradients, and 1.5 GiB for the CUDA context and the allocator's slack.
 """
 
@@ -45,6 +46,7 @@ FIT_MARGIN_GIB = 1.0
 class Shape:
     """What the estimate reads off a model's config (through a skeleton on the meta device: nothing loads)."""
     linear: int  # weights of the linear layers bitsandbytes and FP8 quantize
+    largest: int  # of those, the largest layer's
     head: int  # weights of the output head
     tied: bool  # the head is the input embedding's weight
     other: int  # every other parameter: embeddings, norms, biases
@@ -53,7 +55,7 @@ class Shape:
     hidden: int
     mlp: int  # the MLP's inner width, doubled for a gated MLP (gate and up projections)
     mlp_kept: int  # the MLP activation values kept per token: its pre-activations, and the post-activation if adapted
-    mlp_recomputable: int  # of those, what the fused path can recompute instead (fusion.can_recompute_gelu)
+    mlp_recomputable: int  # of those, what the fused path can recompute instead (cli.TrainArguments.takes_fused_path)
     vocab: int
 
 
@@ -62,11 +64,12 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
         skeleton = AutoModelForCausalLM.from_config(config)
     head = skeleton.get_output_embeddings()
     tied = head.weight is skeleton.get_input_embeddings().weight
-    linear = lora = 0
+    linear = lora = largest = 0
     names = {module: name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()}
     for module in skeleton.modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
             linear += module.weight.numel()
+            largest = max(largest, module.weight.numel())
             if names[module] in lora_targets:
                 lora += lora_r * sum(module.weight.shape)
     total = sum(p.numel() for p in skeleton.parameters())
@@ -77,7 +80,7 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
     post = inner * (projections[-1] in lora_targets)
     activation, down = (getattr(mlp, name, None) for name in fusion.ACTIVATION_THEN_DOWN)
     recomputable = post if fusion.is_tanh_gelu(activation) and names.get(down) in lora_targets else 0
-    return Shape(linear=linear, head=head.weight.numel(), tied=tied,
+    return Shape(linear=linear, largest=largest, head=head.weight.numel(), tied=tied,
                  other=total - linear - (0 if tied else head.weight.numel()), lora=lora,
                  layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=widened, mlp_kept=widened + post,
                  mlp_recomputable=recomputable, vocab=config.vocab_size)
@@ -85,10 +88,10 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointed_layers: int,
              fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False,
-             offloaded_layers: int = 0) -> dict[str, float]:
+             offloaded_layers: int = 0, fp8_matmuls: bool = False) -> dict[str, float]:
     """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
     checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py);
-    the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's)."""
+    the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
@@ -104,7 +107,8 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     activations = tokens * (recomputed * compute * shape.hidden + kept_or_rebuilt * per_layer)
     loss_tokens = min(tokens, 2048) if chunked_loss else tokens
     parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
-             "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2}
+             "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2,
+             "fp8_weights": 2 * shape.largest * fp8_matmuls}
     parts = {name: value / GIB for name, value in parts.items()}
     return {**parts, "total": sum(parts.values()) + OVERHEAD_GIB}
 
@@ -152,11 +156,12 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
     if available is None:
         return (layers if requested is None else requested), False
     shape = shape_of(config, args.lora_r, lora_targets)
-    can_recompute = fusion.can_recompute_gelu(args)
+    can_recompute = args.takes_fused_path
 
     def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
         return estimate(shape, args.quantization, args.batch_size, args.seq_length, checkpointed, args.fp32_upcast,
-                        chunked_loss, recompute_gelu, min(args.offloaded_layers, checkpointed))["total"] <= budget
+                        chunked_loss, recompute_gelu, min(args.offloaded_layers, checkpointed),
+                        args.fp8_matmuls)["total"] <= budget
 
     if requested is None:
         budget = available - FIT_MARGIN_GIB
@@ -179,7 +184,8 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
     checkpointed = shape.layers if requested is None else requested
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
                     checkpointed_layers=checkpointed, offloaded_layers=min(args.offloaded_layers, checkpointed),
-                    fp32_upcast=args.fp32_upcast, recompute_gelu=fusion.can_recompute_gelu(args))
+                    fp32_upcast=args.fp32_upcast, recompute_gelu=args.takes_fused_path,
+                    fp8_matmuls=args.fp8_matmuls)
     needed = estimate(shape, **settings, chunked_loss=chunked_loss)
     if needed["total"] <= available:
         return needed

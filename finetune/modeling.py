@@ -100,13 +100,14 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def check_quantization(kind: str) -> None:
-    """Refuse a --quantization this machine or launch cannot run, before anything loads."""
-    if kind == "fp8" and fp8.unsupported_reason():
-        raise UsageError(f"--quantization fp8 needs FP8 tensor cores: {fp8.unsupported_reason()}; use --quantization "
-                         f"4bit or none")
-    if kind == "fp8" and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor of one dtype
-        raise UsageError("--quantization fp8 does not run under FSDP; use DDP (torchrun), or --quantization 4bit")
+def check_quantization(kind: str, fp8_matmuls: bool = False) -> None:
+    """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads."""
+    option, instead = ("--quantization fp8", "--quantization 4bit or none") if kind == "fp8" else (
+        "--fp8_matmuls", "--recipe lean, or leave --fp8_matmuls out")
+    if (kind == "fp8" or fp8_matmuls) and fp8.unsupported_reason():
+        raise UsageError(f"{option} needs FP8 tensor cores: {fp8.unsupported_reason()}; use {instead}")
+    if (kind == "fp8" or fp8_matmuls) and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor
+        raise UsageError(f"{option} does not run under FSDP; use DDP (torchrun), or {instead}")
     if kind in ("4bit", "8bit"):
         try:
             import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)

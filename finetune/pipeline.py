@@ -38,7 +38,7 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     when not given they are built the same way from `args`."""
     tracking.choose_mode(args)
     hub.check(args)
-    modeling.check_quantization(args.quantization)
+    modeling.check_quantization(args.quantization, args.fp8_matmuls)
     if args.offloaded_layers and modeling.fsdp_enabled():
         raise UsageError("--offloaded_layers is not built for FSDP, whose gathered weights it would copy out as "
                          "activations: give --offloaded_layers 0")
@@ -119,6 +119,8 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     if fp8_base:
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
         model.to(modeling.device())  # the rest: embeddings, norms, LoRA
+    if args.fp8_matmuls:
+        fp8.multiply_4bit_in_fp8(model)
     if args.fuse_lora:
         fusion.fuse_lora(model, recompute_gelu)
     if args.compile_layers:

@@ -45,6 +45,18 @@ def on_triton_interpreter(code: str) -> str:
     return done.stdout
 
 
+def spy(monkeypatch, owner, name: str) -> list:
+    """Wrap owner.name so that each call is recorded (its arguments) and still made; returns the record."""
+    calls, real = [], getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
 def tiny_args(output_dir, **overrides) -> TrainArguments:
     """A few-second run on the embedded model: short sequences, few steps, no W&B unless asked. The loss is on whole
     examples: at 64 tokens many stdlib-code docstrings leave no completion to train on."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import ROOT, on_triton_interpreter
+from conftest import ROOT, on_triton_interpreter, spy
 from finetune import fp8, modeling
 
 
@@ -146,9 +146,96 @@ for rows, width in ((3, 700), (2, 1500), (2, 9000)):  # one chunk; two; three of
 
 weight = torch.randn(300, 130).to(fp8.E4M3)
 assert torch.equal(fp8_kernels.transposed(weight).view(torch.uint8), weight.t().contiguous().view(torch.uint8))
+
+# a 4-bit weight straight to e4m3 (--fp8_matmuls): bitsandbytes' NF4 with and without double quantization, in shapes
+# that fill no tile, against unpacking it and dividing by the row scales. Rows are whole 64-value blocks, as in every
+# StarCoder weight: bitsandbytes' CPU unpacking (0.50.2), the reference here, is off where a block spans two rows.
+import bitsandbytes
+
+for rows, columns, nested in ((100, 192, True), (72, 128, False), (130, 320, True)):
+    dense = torch.randn(rows, columns).to(torch.bfloat16)
+    packed, state = bitsandbytes.functional.quantize_4bit(dense, blocksize=64, compress_statistics=nested,
+                                                          quant_type="nf4")
+    weight = bitsandbytes.nn.Params4bit(packed, requires_grad=False, quant_state=state)
+    row_scales = fp8.row_scales_of_4bit(weight)
+    expected = fp8.from_4bit(weight, row_scales)
+    values = fp8_kernels.from_nf4(packed, state, row_scales)
+    # the same values, but where the interpreter's casts land a step off (bf16's truncates; e4m3's is off at powers
+    # of two, which check() leaves out too)
+    assert values.dtype == fp8.E4M3 and values.shape == expected.shape
+    power_of_two = expected.float().abs().log2().frac() == 0
+    close = (values.float() - expected.float()).abs() <= expected.float().abs() / 8 + 2 ** -6
+    assert close[~power_of_two].all() and (values.float() == expected.float())[~power_of_two].float().mean() > 0.95
+    assert torch.equal(fp8_kernels.from_nf4(packed, state, row_scales, transpose=True).view(torch.uint8),
+                       values.t().contiguous().view(torch.uint8))
 print("kernels ok")
 """
 
 
 def test_the_gpu_quantization_and_transpose_kernels_agree_with_the_reference():
     assert on_triton_interpreter(_KERNELS_ON_THE_INTERPRETER).strip() == "kernels ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' GPU packing, which the kernel reads")
+def test_the_4_bit_to_e4m3_kernel_gives_bitsandbytes_unpacking_quantized_on_a_gpu():
+    """On a GPU, --fp8_matmuls' kernel against bitsandbytes' own unpacking quantized by our row kernel: bit for bit,
+    both layouts, a weight of StarCoder-15B's MLP shape."""
+    import bitsandbytes
+
+    torch.manual_seed(0)
+    dense = torch.randn(24576, 6144, dtype=torch.bfloat16, device="cuda")
+    packed, state = bitsandbytes.functional.quantize_4bit(dense, blocksize=64, compress_statistics=True,
+                                                          quant_type="nf4")
+    weight = bitsandbytes.nn.Params4bit(packed, requires_grad=False, quant_state=state)
+    row_scales = fp8.row_scales_of_4bit(weight)
+    expected, expected_scales = fp8.quantize_rows(fp8.dequantized(weight))
+    assert torch.equal(row_scales, expected_scales.view(-1))
+    for transpose in (False, True):
+        values = fp8.from_4bit(weight, row_scales, transpose)
+        assert torch.equal(values.view(torch.uint8), (expected.t().contiguous() if transpose else expected).view(
+            torch.uint8))
+
+
+@needs_scaled_mm
+def test_the_lean_fp8_recipe_trains_its_4_bit_base_in_fp8(tmp_path, monkeypatch):
+    """--recipe lean_fp8 through the real pipeline and Trainer: the NF4 base stays stored in 4 bits (no FP8 layer
+    replaces it), every 4-bit layer multiplies in FP8, adapted or not, and the run learns. The GPU's FP8 tensor cores are what the
+    CPU lacks: its FP8 matmul stands in."""
+    from conftest import tiny_args
+    from finetune import cli, pipeline, training
+
+    monkeypatch.setattr(fp8, "unsupported_reason", lambda: None)
+    made = spy(monkeypatch, fp8, "from_4bit")
+    args = tiny_args(tmp_path, **{**cli.RECIPES["lean_fp8"], "seq_length": 64, "batch_size": 2}, dtype="bfloat16",
+                     max_train_steps=4, learning_rate=1e-3)
+    run = pipeline.prepare(args)
+    import bitsandbytes
+
+    layers = [m for m in run.model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert len(layers) == 4 * 4 and all(hasattr(m, "fp8_row_scales") for m in layers)
+    assert not any(isinstance(m, fp8.Float8Linear) for m in run.model.modules())
+    trainer = training.build_trainer(args, run)
+    training.train(trainer, args, run)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    # each step: every layer's forward, its recompute (all checkpointed on the CPU) and backward, but the first
+    # c_attn's backward (the embeddings' gradient is not needed); evaluation adds forwards
+    assert len(made) >= 4 * (3 * len(layers) - 1) and len(losses) == 4 and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(fp8.unsupported_reason() is None, reason="this machine has FP8 tensor cores")
+@pytest.mark.parametrize("flags,message", [
+    (["--recipe", "lean_fp8"], f"--fp8_matmuls needs FP8 tensor cores: {fp8.unsupported_reason()}; use --recipe "
+                               f"lean, or leave --fp8_matmuls out"),
+    (["--fp8_matmuls", "--quantization", "none"], "--fp8_matmuls multiplies a 4-bit base in FP8; with --quantization "
+                                                  "none leave it out (fp8 stores the base in FP8)"),
+    (["--recipe", "lean_fp8", "--lora_dropout", "0.05"], "--fp8_matmuls runs on the fused LoRA path: it needs "
+                                                         "--fuse_lora, --lora_dropout 0 and none of --mixed_precision, "
+                                                         "--fp32_adapter, --fp32_upcast"),
+    (["--fp8_matmuls", "--dtype", "float16"], "--fp8_matmuls computes in bf16 (FP8 matmuls write bf16); --dtype "
+                                              "float16 cannot be used with it"),
+])
+def test_fp8_matmuls_are_refused_where_they_cannot_run(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, "base_example.py", "--model", "tiny-starcoder", "--dataset", "stdlib-code",
+                           "--output_dir", str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {message}"], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ not apply, and store nothing twice."""
 import pytest
 import torch
 
-from conftest import on_triton_interpreter
+from conftest import on_triton_interpreter, spy
 from finetune import fp8, fusion, modeling
 from test_fp8 import needs_scaled_mm
 
@@ -59,6 +59,31 @@ def test_fused_layers_over_bitsandbytes_bases_give_peft_s_loss_and_gradients(qua
     assert fused[0] == pytest.approx(unfused[0], rel=1e-2)  # bf16: the same sums in another order
     assert fused[1].keys() == unfused[1].keys()
     assert max(relative_error(fused[1][n], unfused[1][n]) for n in unfused[1]) < 0.02
+
+
+@needs_scaled_mm
+def test_a_4_bit_base_multiplied_in_fp8_gives_the_bf16_loss_within_e4m3_rounding_and_keeps_no_fp8_copy(monkeypatch):
+    """--fp8_matmuls: each 4-bit layer's NF4 weight, adapted (the fused path) or not (c_fc), becomes e4m3 in its
+    forward and again in its backward, and nothing in FP8 is kept between them."""
+    model = lora_model("tiny-starcoder", "c_attn,c_proj", torch.bfloat16,
+                       quantization=modeling.quantization_config("4bit", torch.bfloat16))
+    ids = torch.randint(20, 4000, (2, 24))
+    fusion.fuse_lora(model)
+    in_bf16, kept_in_bf16 = loss_and_grads(model, ids), saved_bytes(model, ids)
+    made = spy(monkeypatch, fp8, "from_4bit")
+    assert fp8.multiply_4bit_in_fp8(model) == 4 * 4  # c_attn, c_proj, c_fc, c_proj in 4 blocks; the head is 16-bit
+    fusion.fuse_lora(model)
+    in_fp8 = loss_and_grads(model, ids)
+    # forward and backward of each, but the first block's c_attn computes no input gradient (the embeddings' are
+    # frozen)
+    assert len(made) == 2 * 4 * 4 - 1
+    assert in_fp8[0] != in_bf16[0] and in_fp8[0] == pytest.approx(in_bf16[0], rel=0.02)
+    assert in_fp8[1].keys() == in_bf16[1].keys()
+    # each e4m3 rounding is about 2^-4 relative; the first blocks' gradients pass back through up to 12 FP8 GEMMs
+    errors = sorted(relative_error(in_fp8[1][n], in_bf16[1][n]) for n in in_bf16[1])
+    assert errors[len(errors) // 2] < 0.06 and errors[-1] < 0.2, errors
+    row_scales = sum(m.fp8_row_scales.nbytes for m in model.modules() if hasattr(m, "fp8_row_scales"))
+    assert saved_bytes(model, ids) == kept_in_bf16 + row_scales  # the layers' row scales, and nothing in e4m3
 
 
 def saved_bytes(model, ids) -> int:
