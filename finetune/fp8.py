@@ -131,17 +131,29 @@ def dequantized(weight) -> torch.Tensor:
 # --fp8_matmuls: a 4-bit base multiplied in FP8. Its e4m3 values are made each time a layer multiplies and never
 # stored (a 16 GB card holds StarCoder-15B in NF4, 7.6 GiB, but not in FP8, 15.1 GiB); each row's scale, which the
 # frozen weight fixes, is found once.
+def unpacked_fp32(weight) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight unpacked in fp32: each value its level times its block's absmax, not rounded to 16
+    bits."""
+    import copy
+
+    import bitsandbytes
+
+    state = copy.copy(weight.quant_state)
+    state.dtype = torch.float32
+    return bitsandbytes.functional.dequantize_4bit(weight.data, state)
+
+
 def row_scales_of_4bit(weight) -> torch.Tensor:
-    """The scale per row (out,) that _quantize_rows gives a bitsandbytes 4-bit weight unpacked to 16 bits."""
-    return _quantize_rows(dequantized(weight))[1].view(-1)
+    """The scale per row (out,) that _quantize_rows gives a bitsandbytes 4-bit weight unpacked in fp32."""
+    return _quantize_rows(unpacked_fp32(weight))[1].view(-1)
 
 
 def from_4bit(weight, row_scales: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """A bitsandbytes 4-bit weight as e4m3 with `row_scales` (row_scales_of_4bit): the (out, in) values of
-    _quantize_rows(dequantized(weight)), as forward_rows takes them, or with `transpose` their (in, out) transpose,
-    as input_grad_rows does. On a GPU one kernel reads the 4 bits and writes the 8 (finetune/fp8_kernels.py)."""
+    """A bitsandbytes 4-bit weight as e4m3 with `row_scales` (row_scales_of_4bit): each value its level times its
+    block's absmax over its row's scale, (out, in) as forward_rows takes them, or with `transpose` (in, out), as
+    input_grad_rows does. On a GPU one kernel reads the 4 bits and writes the 8 (finetune/fp8_kernels.py)."""
     if not weight.is_cuda or torch.compiler.is_compiling():
-        values = (dequantized(weight).float() / row_scales.view(-1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        values = (unpacked_fp32(weight) / row_scales.view(-1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
         return values.t().contiguous() if transpose else values
     from . import fp8_kernels
 

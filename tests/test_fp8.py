@@ -178,8 +178,9 @@ def test_the_gpu_quantization_and_transpose_kernels_agree_with_the_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' GPU packing, which the kernel reads")
 def test_the_4_bit_to_e4m3_kernel_gives_bitsandbytes_unpacking_quantized_on_a_gpu():
-    """On a GPU, --fp8_matmuls' kernel against bitsandbytes' own unpacking quantized by our row kernel: bit for bit,
-    both layouts, a weight of StarCoder-15B's MLP shape."""
+    """On a GPU, --fp8_matmuls' kernel against bitsandbytes' own unpacking in fp32 quantized by our row kernel, both
+    layouts, a weight of StarCoder-15B's MLP shape: the kernel divides each block's absmax by the row's scale once,
+    where the reference divides each value, so a value may round to the neighbouring e4m3 step, and rarely does."""
     import bitsandbytes
 
     torch.manual_seed(0)
@@ -188,12 +189,13 @@ def test_the_4_bit_to_e4m3_kernel_gives_bitsandbytes_unpacking_quantized_on_a_gp
                                                           quant_type="nf4")
     weight = bitsandbytes.nn.Params4bit(packed, requires_grad=False, quant_state=state)
     row_scales = fp8.row_scales_of_4bit(weight)
-    expected, expected_scales = fp8.quantize_rows(fp8.dequantized(weight))
+    expected, expected_scales = fp8.quantize_rows(fp8.unpacked_fp32(weight))
     assert torch.equal(row_scales, expected_scales.view(-1))
     for transpose in (False, True):
-        values = fp8.from_4bit(weight, row_scales, transpose)
-        assert torch.equal(values.view(torch.uint8), (expected.t().contiguous() if transpose else expected).view(
-            torch.uint8))
+        values = fp8.from_4bit(weight, row_scales, transpose).float()
+        reference = (expected.t().contiguous() if transpose else expected).float()
+        assert ((values - reference).abs() <= reference.abs() / 8).all()
+        assert (values == reference).float().mean() > 0.999
 
 
 @needs_scaled_mm
