@@ -181,3 +181,21 @@ def test_sweep_with_wandb_writes_one_run_per_configuration_and_a_summary(tmp_pat
     assert len(summary) == 1, {run: sorted({key for row in history(run) for key in row})[:20] for run in runs}
     keys = {key for row in history(summary[0]) for key in row}
     assert {"results/_type", "plots/tokens_per_second_vs_batch_size/_type"} <= keys, keys
+
+
+@pytest.mark.parametrize("user_setting,expected", [
+    ({}, "expandable_segments:True"),  # the toolkit's: the 16 GB recipes fit with it
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "max_split_size_mb:128"),  # the user's own wins
+    ({"PYTORCH_ALLOC_CONF": "garbage_collection_threshold:0.6"}, "garbage_collection_threshold:0.6"),
+])
+def test_the_allocator_gets_expandable_segments_unless_the_user_configured_it(user_setting, expected):
+    """What PyTorch's allocator reads (its settings, parsed when first asked) after the entry script's imports, torch
+    first as a user's script would."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    done = subprocess.run([sys.executable, "-c", "import torch, base_example; "
+                           "print(torch._C._accelerator_getAllocatorSettings())"],
+                          cwd=ROOT, capture_output=True, text=True, env={**env, **user_setting})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == expected
