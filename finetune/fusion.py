@@ -94,8 +94,8 @@ def _add_low_rank_(out, down, up):
 
 class _LoraLinear(torch.autograd.Function):
     """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit, which
-    with `fp8_matmuls` multiplies in FP8 with its row scales), LoRA's B already scaled, act the identity or tanh GELU (`gelu`), whose
-    output is kept for the backward or, with `recompute`, computed again there."""
+    with `fp8_matmuls` multiplies in FP8 with its row scales), LoRA's B already scaled, act the identity or tanh GELU
+    (`gelu`), whose output is kept for the backward or, with `recompute`, computed again there."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool, fp8_matmuls: bool):

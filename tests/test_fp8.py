@@ -201,8 +201,8 @@ def test_the_4_bit_to_e4m3_kernel_gives_bitsandbytes_unpacking_quantized_on_a_gp
 @needs_scaled_mm
 def test_the_lean_fp8_recipe_trains_its_4_bit_base_in_fp8(tmp_path, monkeypatch):
     """--recipe lean_fp8 through the real pipeline and Trainer: the NF4 base stays stored in 4 bits (no FP8 layer
-    replaces it), every 4-bit layer multiplies in FP8, adapted or not, and the run learns. The GPU's FP8 tensor cores are what the
-    CPU lacks: its FP8 matmul stands in."""
+    replaces it), every 4-bit layer multiplies in FP8, adapted or not, and the run learns. The GPU's FP8 tensor cores
+    are what the CPU lacks: its FP8 matmul stands in."""
     from conftest import tiny_args
     from finetune import cli, pipeline, training
 
