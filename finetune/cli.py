@@ -169,7 +169,8 @@ class TrainArguments:
                 "add --seq_length 16384 --gradient_checkpointing); fp8_lean = FP8 base, packed 2 x 2048 with "
                 "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 1 x 2048 "
                 "with checkpointing (StarCoder-15B in 11 GiB with every layer checkpointed); lean_fp8 = lean with "
-                "FP8 matmuls (a 16 GB card with FP8: RTX 4060 Ti 16 GB, 4080, 5080); these three checkpoint only the "
+                "FP8 matmuls (a 16 GB card with FP8: RTX 4060 Ti 16 GB, 4080, 5080; 1.37x lean on an H100, "
+                "2026-12-07, docs/PERFORMANCE.md); these three checkpoint only the "
                 "layers the GPU needs (--checkpointed_layers fit); qlora = the common QLoRA recipe; tutorial = the "
                 "tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
     gradient_checkpointing: bool = field(default=False, metadata={
@@ -201,8 +202,9 @@ class TrainArguments:
                 "docs/PERFORMANCE.md)."})
     fp8_matmuls: bool = field(default=False, metadata={
         "help": "With --quantization 4bit: multiply the NF4 base on FP8 tensor cores (compute capability 8.9+), each "
-                "weight dequantized to e4m3 with a scale per row as it is used, where --quantization fp8 would store "
-                "it in 8 bits; on the fused path only (--fuse_lora, no dropout, autocast or fp32 adapter)."})
+                "weight unpacked to e4m3 with a scale per row as it is used (one kernel), where --quantization fp8 "
+                "would store it in 8 bits; on the fused path only (--fuse_lora, no dropout, autocast or fp32 "
+                "adapter)."})
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (GPUs only), fusing the elementwise work around the GEMMs; the "
                 "first steps pay the compilation."})
