@@ -160,12 +160,12 @@ for rows, columns, nested in ((100, 192, True), (72, 128, False), (130, 320, Tru
     row_scales = fp8.row_scales_of_4bit(weight)
     expected = fp8.from_4bit(weight, row_scales)
     values = fp8_kernels.from_nf4(packed, state, row_scales)
-    # the same values, but where the interpreter's casts land a step off (bf16's truncates; e4m3's is off at powers
-    # of two, which check() leaves out too)
+    # the same values, but where the interpreter's e4m3 cast is off at powers of two (which check() leaves out too),
+    # and rarely a step off where the kernel's one division a block rounds otherwise than the reference's one a value
     assert values.dtype == fp8.E4M3 and values.shape == expected.shape
     power_of_two = expected.float().abs().log2().frac() == 0
     close = (values.float() - expected.float()).abs() <= expected.float().abs() / 8 + 2 ** -6
-    assert close[~power_of_two].all() and (values.float() == expected.float())[~power_of_two].float().mean() > 0.95
+    assert close[~power_of_two].all() and (values.float() == expected.float())[~power_of_two].float().mean() > 0.99
     assert torch.equal(fp8_kernels.from_nf4(packed, state, row_scales, transpose=True).view(torch.uint8),
                        values.t().contiguous().view(torch.uint8))
 print("kernels ok")
