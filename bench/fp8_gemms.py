@@ -8,8 +8,10 @@ tokens, timed with CUDA events on random data, in four forms of the frozen weigh
 - `nf4`: bitsandbytes' Linear4bit with NF4 and double quantization, as `--quantization 4bit` trains;
 - `fp8`: finetune.fp8.Float8Linear, as `--quantization fp8` trains: weights stored in e4m3 once, activations and
   output gradients quantized each step (included in the time), the weight transposed for the backward each step;
-- `nf4_to_fp8`: the alternative to storing FP8: NF4 kept, dequantized and quantized to FP8 in every forward and
-  backward (both included).
+- `nf4_to_fp8`: NF4 kept and multiplied in FP8, as `--fp8_matmuls` trains: each weight unpacked straight to e4m3 in
+  every forward and backward (fp8.from_4bit, included in the time).
+For each NF4 weight it also times its unpacking: bitsandbytes' to bf16 against our kernel's to e4m3, in both layouts
+and at each tile size of a sweep (finetune/fp8_kernels.py, `from_nf4`).
 For the FP8 form it also times the backward's weight transpose (PyTorch's copy, a compiled one, and the Triton kernel
 finetune/fp8_kernels.py gives it); the quantization of an output gradient by rows at each width (a compiled one, the
 Triton kernel, and the kernel at each chunk size of a sweep, checked bit for bit against the plain code); and the FP8
@@ -22,6 +24,7 @@ Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -45,26 +48,6 @@ def layer_shapes(size: str) -> dict[str, tuple[int, int, int]]:
             "lm_head": (width, config.vocab_size, 1)}
 
 
-class _Nf4ToFp8(torch.autograd.Function):
-    """NF4 storage, FP8 compute: dequantize and quantize the weight in every forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        weight = fp8.dequantized(layer.weight)
-        values, scales = fp8.quantize_rows(weight)
-        rows, row_scales = fp8.quantize_rows(x)
-        return torch._scaled_mm(rows, values.t(), scale_a=row_scales, scale_b=scales.view(1, -1), out_dtype=x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight_t = fp8.dequantized(ctx.layer.weight).t().contiguous()
-        values, scales = fp8.quantize_rows(weight_t)  # a scale per input feature: rows of W^T
-        rows, row_scales = fp8.quantize_rows(grad)
-        return torch._scaled_mm(rows, values.t(), scale_a=row_scales, scale_b=scales.view(1, -1),
-                                out_dtype=grad.dtype), None
-
-
 def forms(in_features: int, out_features: int) -> dict:
     import bitsandbytes
 
@@ -75,8 +58,29 @@ def forms(in_features: int, out_features: int) -> dict:
     nf4.weight = bitsandbytes.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                             compress_statistics=True)
     nf4 = nf4.cuda()
-    return {"bf16": dense, "nf4": nf4, "fp8": fp8.Float8Linear(dense.weight, None),
-            "nf4_to_fp8": lambda x: _Nf4ToFp8.apply(x, nf4)}
+    nf4_to_fp8 = copy.copy(nf4)  # the same weight; its forward, not nf4's, becomes FP8's
+    fp8.multiply_4bit_in_fp8(nf4_to_fp8)
+    return {"bf16": dense, "nf4": nf4, "fp8": fp8.Float8Linear(dense.weight, None), "nf4_to_fp8": nf4_to_fp8}
+
+
+UNPACK_TILES = ((32, 256, 4), (64, 256, 8), (128, 128, 8), (64, 512, 8))  # (rows, columns, warps) of the sweep
+
+
+def unpack_forms(layer) -> dict[str, float]:
+    """ms to unpack one NF4 weight: bitsandbytes' to bf16, our kernel's to e4m3 (out, in) and transposed (in, out),
+    then each layout at each tile size of the sweep."""
+    import bitsandbytes
+
+    weight, scales = layer.weight, layer.fp8_row_scales
+    times = {"bitsandbytes_bf16": milliseconds(lambda: bitsandbytes.functional.dequantize_4bit(weight.data,
+                                                                                               weight.quant_state)),
+             "e4m3": milliseconds(lambda: fp8.from_4bit(weight, scales)),
+             "e4m3_transposed": milliseconds(lambda: fp8.from_4bit(weight, scales, transpose=True))}
+    for rows, columns, warps in UNPACK_TILES:
+        for transpose in (False, True):
+            times[f"{rows}x{columns}x{warps}{'_transposed' if transpose else ''}"] = milliseconds(
+                lambda: fp8_kernels.from_nf4(weight.data, weight.quant_state, scales, transpose, rows, columns, warps))
+    return times
 
 
 def scaled_mm_forms(tokens: int, in_features: int, out_features: int) -> dict[str, float]:
@@ -166,6 +170,8 @@ def main(options) -> dict:
         row = {"count": count}
         for form, layer in forms(in_features, out_features).items():
             row[form] = milliseconds(lambda: layer(x).backward(grad))
+            if form == "nf4_to_fp8":
+                row["unpack"] = unpack_forms(layer)
             if form == "fp8":  # the backward's weight transpose
                 compiled = torch.compile(lambda weight: weight.t().contiguous())
                 row["transpose_eager"] = milliseconds(lambda: layer.weight.t().contiguous())
@@ -200,6 +206,9 @@ def main(options) -> dict:
         f"{name} {row['low_rank_add']['output']['addmm']:.3f} -> {row['low_rank_add']['output']['triton']:.3f} and "
         f"{row['low_rank_add']['input_gradient']['addmm']:.3f} -> {row['low_rank_add']['input_gradient']['triton']:.3f}"
         for name, row in results.items()))
+    print("An NF4 weight unpacked, ms, bitsandbytes to bf16 -> ours to e4m3, transposed: " + ", ".join(
+        f"{name} {row['unpack']['bitsandbytes_bf16']:.3f} -> {row['unpack']['e4m3']:.3f}, "
+        f"{row['unpack']['e4m3_transposed']:.3f}" for name, row in results.items()))
     gelu = results["mlp.c_proj"]["gelu"]
     print(f"The MLP's GELU and its output's quantization, ms a layer, apart -> one pass: {gelu['forward_apart']:.3f} "
           f"-> {gelu['forward_fused']:.3f}")
