@@ -148,11 +148,17 @@ def row_scales_of_4bit(weight) -> torch.Tensor:
     return _quantize_rows(unpacked_fp32(weight))[1].view(-1)
 
 
+def kernel_unpacks(state) -> bool:
+    """Whether finetune/fp8_kernels.py's from_nf4 takes a 4-bit weight of this QuantState: each row whole blocks of
+    at most 256 values (every StarCoder weight: blocks of 64, bitsandbytes' default), which its tiles hold whole."""
+    return state.blocksize <= 256 and state.shape[1] % state.blocksize == 0
+
+
 def from_4bit(weight, row_scales: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """A bitsandbytes 4-bit weight as e4m3 with `row_scales` (row_scales_of_4bit): each value its level times its
     block's absmax over its row's scale, (out, in) as forward_rows takes them, or with `transpose` (in, out), as
     input_grad_rows does. On a GPU one kernel reads the 4 bits and writes the 8 (finetune/fp8_kernels.py)."""
-    if not weight.is_cuda or torch.compiler.is_compiling():
+    if not weight.is_cuda or torch.compiler.is_compiling() or not kernel_unpacks(weight.quant_state):
         values = (unpacked_fp32(weight) / row_scales.view(-1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
         return values.t().contiguous() if transpose else values
     from . import fp8_kernels

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, E4M3_MAX
+from .fp8 import E4M3, E4M3_MAX, kernel_unpacks
 
 # (values a chunk, warps) by row width: the fastest of bench/fp8_gemms.py's sweep on an H100 (2026-12-06) at 8,192
 # rows of StarCoder-15B's widths: 1,024 and 4 up to 8,192 wide, 4,096 and 16 beyond. A row wider than its chunk is
@@ -146,6 +146,9 @@ def from_nf4(packed: torch.Tensor, state, row_scales: torch.Tensor, transpose: b
     """fp8.from_4bit in one kernel: a bitsandbytes NF4/FP4 weight (`packed`, its QuantState `state`) whose rows are
     whole blocks, as e4m3 with a scale per row, (out, in) or with `transpose` (in, out); reads the 4 bits once and
     writes the 8, where unpacking to bf16 and quantizing that reads and writes 5.5 bytes a weight."""
+    if not kernel_unpacks(state) or block_columns % state.blocksize:
+        raise ValueError(f"from_nf4 takes rows of whole blocks of at most 256 values, each tile whole blocks; got "
+                         f"{state.shape[1]} columns in blocks of {state.blocksize}, tiles {block_columns} wide")
     rows, columns = state.shape
     values = torch.empty((columns, rows) if transpose else (rows, columns), dtype=E4M3, device=packed.device)
     nested = state.nested

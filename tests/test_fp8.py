@@ -168,12 +168,32 @@ for rows, columns, nested in ((100, 192, True), (72, 128, False), (130, 320, Tru
     assert close[~power_of_two].all() and (values.float() == expected.float())[~power_of_two].float().mean() > 0.99
     assert torch.equal(fp8_kernels.from_nf4(packed, state, row_scales, transpose=True).view(torch.uint8),
                        values.t().contiguous().view(torch.uint8))
+# a row of a block and a half is refused, not unpacked wrong (fp8.from_4bit unpacks such a weight without the kernel)
+packed, state = bitsandbytes.functional.quantize_4bit(torch.randn(8, 96).to(torch.bfloat16), blocksize=64,
+                                                      quant_type="nf4")
+try:
+    fp8_kernels.from_nf4(packed, state, torch.ones(8))
+    raise SystemExit("a row of 1.5 blocks was unpacked")
+except ValueError as refused:
+    assert "whole blocks" in str(refused)
 print("kernels ok")
 """
 
 
 def test_the_gpu_quantization_and_transpose_kernels_agree_with_the_reference():
     assert on_triton_interpreter(_KERNELS_ON_THE_INTERPRETER).strip() == "kernels ok"
+
+
+@pytest.mark.parametrize("columns,blocksize,takes", [(128, 64, True), (6144, 64, True), (96, 64, False),
+                                                     (512, 128, True), (1024, 512, False)])
+def test_the_4_bit_kernel_is_used_only_where_its_tiles_hold_whole_blocks(columns, blocksize, takes):
+    """fp8.from_4bit's choice on a GPU: the kernel where each row is whole blocks of at most 256 values, else the
+    plain unpacking (a pre-quantized checkpoint may bring other block sizes; a small model, other widths)."""
+    import bitsandbytes
+
+    _, state = bitsandbytes.functional.quantize_4bit(torch.randn(4, columns).to(torch.bfloat16), blocksize=blocksize,
+                                                     quant_type="nf4")
+    assert fp8.kernel_unpacks(state) is takes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' GPU packing, which the kernel reads")
