@@ -111,8 +111,9 @@ def _from_nf4_kernel(packed, code, absmax, nested_code, nested_absmax, offset, r
                      blocksize: tl.constexpr, nested_blocksize: tl.constexpr, nested: tl.constexpr,
                      transpose: tl.constexpr, e4m3_max: tl.constexpr, block_rows: tl.constexpr,
                      block_columns: tl.constexpr):
-    # A tile of whole 64-value blocks. Each block's factor, its absmax over its row's scale, is found once per block
-    # rather than per value: with double quantization that is three gathers and a division.
+    # A tile of whole blocks (64 values in every StarCoder weight). Each block's factor, its absmax over its row's
+    # scale, is found once per block rather than per value: with double quantization that is three gathers and a
+    # division.
     blocks: tl.constexpr = block_columns // blocksize
     r = tl.program_id(0) * block_rows + tl.arange(0, block_rows)
     b = tl.program_id(1) * blocks + tl.arange(0, blocks)

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from . import fusion
+from .chunked_loss import CHUNK_TOKENS
 from .errors import UsageError
 
 GIB = 2**30
@@ -105,7 +106,7 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     recomputed = checkpointed_layers - offloaded_layers
     kept_or_rebuilt = max(shape.layers - checkpointed_layers, 1 if checkpointed_layers else 0) + (offloaded_layers > 0)
     activations = tokens * (recomputed * compute * shape.hidden + kept_or_rebuilt * per_layer)
-    loss_tokens = min(tokens, 2048) if chunked_loss else tokens
+    loss_tokens = min(tokens, CHUNK_TOKENS) if chunked_loss else tokens
     parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
              "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2,
              "fp8_weights": 2 * shape.largest * fp8_matmuls}
