@@ -18,7 +18,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import IGNORE_INDEX
 
-CHUNK_TOKENS = 2048  # 2048 x 49,152 fp32 logits = 0.4 GB at a time
+# 512 x 49,152 fp32 logits = 0.1 GB at a time. Against 2,048: 0.6 GiB off `lean_fp8`'s peak at 1 x 2048 (11.0 to
+# 10.4 GiB), `fp8` at 4 x 2048 as fast (issue 21; H100, 2026-12-07, docs/PERFORMANCE.md)
+CHUNK_TOKENS = 512
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

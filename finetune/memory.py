@@ -15,7 +15,7 @@ The estimate (GiB, and what is in it):
   with activation checkpointing a checkpointed layer keeps only its input, and rebuilds the rest in the backward,
   one layer at a time, after the layers that kept theirs (the last ones) have freed them; with --fp32_upcast they
   are fp32;
-- the loss: the chunked head's logits for 2,048 tokens at a time (bf16 logits, their fp32 copy and gradient), or
+- the loss: the chunked head's logits for CHUNK_TOKENS tokens at a time (bf16 logits, their fp32 copy and gradient), or
   every token's without it (FSDP);
 - with --fp8_matmuls, the largest weight in e4m3 and its transpose, made as a layer multiplies;
 - the backward's largest activation gradients, and 1.5 GiB for the CUDA context and the allocator's slack.
