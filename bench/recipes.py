@@ -234,7 +234,7 @@ def run_one(entry: str, options) -> dict:
               "fim_rate": options.fim_rate, "memory_cap_gib": memory_cap_gib, "load_seconds": load_seconds,
               "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed, "offloaded_layers": offloaded,
               "estimated_memory_gib": estimated,
-              **tflops.summary, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
+              **tflops.summary, "step_seconds": tflops.step_times, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
     autocast = dict(device_type="cuda", dtype=dtype, enabled=trainer.args.bf16 or trainer.args.fp16)
     if timer:

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,14 +34,25 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def provenance() -> dict:
-    """Where a figure came from: library versions, git commit, device, date and command line. The benches write it
-    beside their results, the training scripts into manifest.json."""
+    """Where a figure came from: library versions, git commit, device and host, date and command line. The benches
+    write it beside their results, the training scripts into manifest.json."""
     return {
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "git_commit": _git_commit(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "gpu_count": torch.cuda.device_count(),
+        # the host too: a batch-1 step launches thousands of small kernels, and the same GPU model ran `lean_fp8` at
+        # 4,769 to 7,112 tokens/s on three machines (issue 21; docs/PERFORMANCE.md, H100, 2026-12-07)
+        "host": {"cpu": _cpu(), "cores": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
     }

@@ -135,6 +135,8 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["versions"]["torch"] and results["versions"]["transformers"] and results["device"]
+    assert results["host"]["cpu"] and results["host"]["cores"] >= 1
+    assert all(len(row["step_seconds"]) == 2 and min(row["step_seconds"]) > 0 for row in results["results"])
     assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial", "lean_off20"]
     assert [row["memory_cap_gib"] for row in results["results"]] == [0.0, 24.0, 0.0]  # each recipe on its own card
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
