@@ -11,6 +11,7 @@ and transformers' and peft's FP8 support is inference-only. Needs compute capabi
 NVIDIA's Hopper and Ada whitepapers): not the A100, whose tensor cores have no FP8.
 """
 
+import copy
 import types
 
 import torch
@@ -65,41 +66,40 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
 # bf16 base learns (training losses within 0.14% over 200 steps, bench/fp8_quality.py).
 def forward_rows(rows, weight, weight_scale, bias=None, gelu_out=None):
     """rows W^T + b, W frozen in FP8 as Float8Linear stores it: (out, in) e4m3 with a scale per output row, so that
-    W = diag(s) Wq. The rows and Wq^T are both contiguous along `in`, the layout FP8 tensor cores need. With
-    `gelu_out`, gelu(rows) W^T + b, gelu(rows) written to `gelu_out` (quantize_rows)."""
+    W = diag(s) Wq (or a 4-bit weight with its row scales, made e4m3 now: as_e4m3). The rows and Wq^T are both
+    contiguous along `in`, the layout FP8 tensor cores need. With `gelu_out`, gelu(rows) W^T + b, gelu(rows) written
+    to `gelu_out` (quantize_rows)."""
     values, scales = quantize_rows(rows, gelu_out=gelu_out)
-    return torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scale.view(1, -1), bias=bias,
-                            out_dtype=rows.dtype, use_fast_accum=True)
+    bias = None if bias is None else bias.to(rows.dtype)  # _scaled_mm adds it in the output's dtype
+    return torch._scaled_mm(values, as_e4m3(weight, weight_scale).t(), scale_a=scales,
+                            scale_b=weight_scale.view(1, -1), bias=bias, out_dtype=rows.dtype, use_fast_accum=True)
 
 
-def input_grad_rows(grad_rows, weight_t, weight_scale):
+def input_grad_rows(grad_rows, weight, weight_scale):
     """The input gradient of forward_rows, dy W = dy diag(s) Wq: s folds into dy's columns before dy is quantized by
-    rows; `weight_t` is Wq^T, (in, out), contiguous along `out`, the dimension the input gradient sums over: a copy
-    made per layer and step (transposed), instead of a second stored copy of the base."""
+    rows, and Wq is transposed for this GEMM, (in, out), contiguous along `out`, the dimension the input gradient sums
+    over (as_e4m3: a copy per layer and step, instead of a second stored copy of the base)."""
     values, scales = quantize_rows(grad_rows, column_scale=weight_scale.view(1, -1))
+    weight_t = as_e4m3(weight, weight_scale, transpose=True)
     return torch._scaled_mm(values, weight_t.t(), scale_a=scales,
                             scale_b=torch.ones(1, weight_t.shape[0], device=weight_t.device), out_dtype=grad_rows.dtype,
                             use_fast_accum=True)
 
 
 class _FrozenFloat8Matmul(torch.autograd.Function):
-    """y = x W^T + b with W frozen in FP8, or in 4 bits and made FP8 as it multiplies (`from_4bit_weight`). The
-    backward is the input gradient only, and the forward saves no activation for it."""
+    """y = x W^T + b with W frozen in FP8, or in 4 bits and made FP8 as it multiplies (as_e4m3). The backward is the
+    input gradient only, and the forward saves no activation for it."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, from_4bit_weight: bool):
+    def forward(ctx, x, weight, weight_scale, bias):
         ctx.save_for_backward(weight, weight_scale)
-        ctx.from_4bit_weight = from_4bit_weight
-        values = from_4bit(weight, weight_scale) if from_4bit_weight else weight
-        bias = None if bias is None else bias.to(x.dtype)  # _scaled_mm adds it in the output's dtype
-        return forward_rows(x.reshape(-1, x.shape[-1]), values, weight_scale, bias).view(*x.shape[:-1], -1)
+        return forward_rows(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        weight_t = from_4bit(weight, weight_scale, transpose=True) if ctx.from_4bit_weight else transposed(weight)
-        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight_t, weight_scale)
-        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None, None
+        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
+        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
 
 
 class Float8Linear(torch.nn.Linear):
@@ -116,7 +116,7 @@ class Float8Linear(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias, False)
+        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
 
 
 def dequantized(weight) -> torch.Tensor:
@@ -134,8 +134,6 @@ def dequantized(weight) -> torch.Tensor:
 def unpacked_fp32(weight) -> torch.Tensor:
     """A bitsandbytes 4-bit weight unpacked in fp32: each value its level times its block's absmax, not rounded to 16
     bits."""
-    import copy
-
     import bitsandbytes
 
     state = copy.copy(weight.quant_state)
@@ -166,8 +164,16 @@ def from_4bit(weight, row_scales: torch.Tensor, transpose: bool = False) -> torc
     return fp8_kernels.from_nf4(weight.data, weight.quant_state, row_scales, transpose)
 
 
+def as_e4m3(weight, row_scales: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """The e4m3 values a frozen FP8 GEMM reads, (out, in) or with `transpose` (in, out): an FP8 weight as stored (its
+    transpose a copy per layer and step), or a bitsandbytes 4-bit one (--fp8_matmuls) unpacked now."""
+    if hasattr(weight, "quant_state"):
+        return from_4bit(weight, row_scales, transpose)
+    return transposed(weight) if transpose else weight
+
+
 def _forward_4bit_in_fp8(self, x):
-    return _FrozenFloat8Matmul.apply(x, self.weight, self.fp8_row_scales, self.bias, True)
+    return _FrozenFloat8Matmul.apply(x, self.weight, self.fp8_row_scales, self.bias)
 
 
 def multiply_4bit_in_fp8(model) -> int:

@@ -58,25 +58,20 @@ def is_tanh_gelu(module) -> bool:
             and getattr(getattr(module, "act", None), "keywords", None) == {"approximate": "tanh"})
 
 
-def _base_forward(rows, weight, weight_scale, bias, gelu: bool, fp8_matmuls: bool):
-    """(act(rows), act(rows) W^T + b), act the tanh GELU or the identity; an FP8 base (or a 4-bit one with
-    `fp8_matmuls`, made e4m3 now) computes the GELU in the pass that quantizes its output (fp8.quantize_rows)."""
+def _base_forward(rows, weight, weight_scale, bias, gelu: bool):
+    """(act(rows), act(rows) W^T + b), act the tanh GELU or the identity; an FP8 base (or a 4-bit one with row scales,
+    multiplied in FP8) computes the GELU in the pass that quantizes its output (fp8.quantize_rows)."""
     if weight_scale is None:
         inputs = _gelu(rows) if gelu else rows
         return inputs, torch.nn.functional.linear(inputs, fp8.dequantized(weight),
                                                   None if bias is None else bias.to(rows.dtype))
-    if fp8_matmuls:
-        weight = fp8.from_4bit(weight, weight_scale)
     gelu_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if gelu else None
-    bias = None if bias is None else bias.to(rows.dtype)  # _scaled_mm adds it in the output's dtype
     return rows if gelu_out is None else gelu_out, fp8.forward_rows(rows, weight, weight_scale, bias, gelu_out)
 
 
-def _base_input_grad(grad_rows, weight, weight_scale, fp8_matmuls: bool):
-    if fp8_matmuls:  # the 4-bit base made e4m3 again, transposed as this GEMM reads it
-        return fp8.input_grad_rows(grad_rows, fp8.from_4bit(weight, weight_scale, transpose=True), weight_scale)
+def _base_input_grad(grad_rows, weight, weight_scale):
     if weight_scale is not None:
-        return fp8.input_grad_rows(grad_rows, fp8.transposed(weight), weight_scale)
+        return fp8.input_grad_rows(grad_rows, weight, weight_scale)
     return grad_rows @ fp8.dequantized(weight)
 
 
@@ -94,16 +89,16 @@ def _add_low_rank_(out, down, up):
 
 class _LoraLinear(torch.autograd.Function):
     """act(x) W^T + b + (act(x) A^T) B^T, W frozen (FP8 with its row scales, 16-bit, or bitsandbytes 4-bit, which
-    with `fp8_matmuls` multiplies in FP8 with its row scales), LoRA's B already scaled, act the identity or tanh GELU
-    (`gelu`), whose output is kept for the backward or, with `recompute`, computed again there."""
+    with row scales multiplies in FP8), LoRA's B already scaled, act the identity or tanh GELU (`gelu`), whose output
+    is kept for the backward or, with `recompute`, computed again there."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool, fp8_matmuls: bool):
+    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool):
         rows = x.reshape(-1, x.shape[-1])
-        inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu, fp8_matmuls)
+        inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu)
         down = inputs @ lora_a.t()
         out = _add_low_rank_(out, down, lora_b.t())
-        ctx.gelu, ctx.fp8_matmuls = gelu, fp8_matmuls
+        ctx.gelu = gelu
         kept = inputs if gelu and not recompute else None
         ctx.save_for_backward(rows, kept, down, lora_a, lora_b, weight, weight_scale)
         return out.view(*x.shape[:-1], -1)
@@ -118,11 +113,11 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale, ctx.fp8_matmuls), grad_down, lora_a)
+            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a)
             if ctx.gelu:
                 grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
-        return grad_in, grad_a, grad_b, None, None, None, None, None, None
+        return grad_in, grad_a, grad_b, None, None, None, None, None
 
 
 def _frozen_base(layer, x):
@@ -149,8 +144,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     base = _frozen_base(self, x) if name is not None else None
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
-        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute",
-                                 hasattr(self.base_layer, "fp8_row_scales"))
+        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute")
     if gelu:
         x = _gelu(x)
     if name is None:
@@ -198,7 +192,7 @@ class _Siblings:
         name = self.layers[0].active_adapters[0]
         down = torch.cat([layer.lora_A[name].weight for layer in self.layers])
         up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False, False)
+        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False)
         # A slice that attention saves for the backward (v) would keep the whole output alive: the small ones are
         # copied out (k and v are 7% each of StarCoder2-15B's q/k/v width).
         return [part if 4 * size >= out.shape[-1] else part.contiguous()
