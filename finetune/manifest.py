@@ -50,8 +50,9 @@ def provenance() -> dict:
         "git_commit": _git_commit(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "gpu_count": torch.cuda.device_count(),
-        # the host too: a batch-1 step launches thousands of small kernels, and the same GPU model ran `lean_fp8` at
-        # 4,769 to 7,112 tokens/s on three machines (issue 21; docs/PERFORMANCE.md, H100, 2026-12-07)
+        # the host too: with the same GPU model, `lean_fp8` within 11.5 GiB ran at 4,441 to 7,112 tokens/s on three
+        # machines, where a batch-1 step's small kernels leave the host's launch time exposed (issue 21; H100,
+        # 2026-12-07, docs/PERFORMANCE.md)
         "host": {"cpu": _cpu(), "cores": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),

@@ -104,9 +104,10 @@ def check_quantization(kind: str, fp8_matmuls: bool = False) -> None:
     """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads."""
     option, instead = ("--quantization fp8", "--quantization 4bit or none") if kind == "fp8" else (
         "--fp8_matmuls", "--recipe lean, or leave --fp8_matmuls out")
-    if (kind == "fp8" or fp8_matmuls) and fp8.unsupported_reason():
+    wants_fp8 = kind == "fp8" or fp8_matmuls
+    if wants_fp8 and fp8.unsupported_reason():
         raise UsageError(f"{option} needs FP8 tensor cores: {fp8.unsupported_reason()}; use {instead}")
-    if (kind == "fp8" or fp8_matmuls) and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor
+    if wants_fp8 and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor
         raise UsageError(f"{option} does not run under FSDP; use DDP (torchrun), or {instead}")
     if kind in ("4bit", "8bit"):
         try:
