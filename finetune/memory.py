@@ -14,7 +14,9 @@ The estimate (GiB, and what is in it):
   and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200 (docs/PERFORMANCE.md);
   with activation checkpointing a checkpointed layer keeps only its input, and rebuilds the rest in the backward,
   one layer at a time, after the layers that kept theirs (the last ones) have freed them; with --fp32_upcast they
-  are fp32;
+  are fp32. Each adapted layer's input also keeps, for LoRA's backward, autocast's 16-bit copy of it where it is fp32
+  (--fp32_upcast under autocast) and LoRA dropout's mask: measured, the qlora and tutorial recipes peaked 1.6 and
+  1.9 GiB above an estimate without them (StarCoder-15B, H100, 2026-12-07, docs/PERFORMANCE.md);
 - the loss: the chunked head's logits for CHUNK_TOKENS tokens at a time (bf16 logits, their fp32 copy and gradient), or
   every token's without it (FSDP);
 - with --fp8_matmuls, the largest weight in e4m3 and its transpose, made as a layer multiplies;
@@ -52,6 +54,7 @@ class Shape:
     tied: bool  # the head is the input embedding's weight
     other: int  # every other parameter: embeddings, norms, biases
     lora: int  # LoRA weights at the run's rank and targets
+    adapted_inputs: int  # input values per token and layer of the layers LoRA adapts
     layers: int
     hidden: int
     mlp: int  # the MLP's inner width, doubled for a gated MLP (gate and up projections)
@@ -65,7 +68,7 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
         skeleton = AutoModelForCausalLM.from_config(config)
     head = skeleton.get_output_embeddings()
     tied = head.weight is skeleton.get_input_embeddings().weight
-    linear = lora = largest = 0
+    linear = lora = largest = adapted_inputs = 0
     names = {module: name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()}
     for module in skeleton.modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
@@ -73,6 +76,7 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
             largest = max(largest, module.weight.numel())
             if names[module] in lora_targets:
                 lora += lora_r * sum(module.weight.shape)
+                adapted_inputs += module.in_features if isinstance(module, torch.nn.Linear) else module.nx
     total = sum(p.numel() for p in skeleton.parameters())
     mlp = next(module for name, module in skeleton.named_modules() if name.endswith(".mlp"))
     projections = [names[m] for m in mlp.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
@@ -83,16 +87,18 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
     recomputable = post if fusion.is_tanh_gelu(activation) and names.get(down) in lora_targets else 0
     return Shape(linear=linear, largest=largest, head=head.weight.numel(), tied=tied,
                  other=total - linear - (0 if tied else head.weight.numel()), lora=lora,
+                 adapted_inputs=adapted_inputs // config.num_hidden_layers,
                  layers=config.num_hidden_layers, hidden=config.hidden_size, mlp=widened, mlp_kept=widened + post,
                  mlp_recomputable=recomputable, vocab=config.vocab_size)
 
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointed_layers: int,
              fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False,
-             offloaded_layers: int = 0, fp8_matmuls: bool = False) -> dict[str, float]:
+             offloaded_layers: int = 0, fp8_matmuls: bool = False, lora_input_bytes: int = 0) -> dict[str, float]:
     """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
     checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py);
-    the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's)."""
+    the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's;
+    `lora_input_bytes`: what LoRA keeps of each adapted input value besides, lora_input_bytes())."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
@@ -100,7 +106,7 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     tokens = batch_size * seq_length
     # bytes per token; with fp32 norms (--fp32_upcast) the residual stream and what it feeds are fp32
     kept = shape.mlp_kept - (shape.mlp_recomputable if recompute_gelu else 0)
-    per_layer = compute * (HIDDEN_VALUES * shape.hidden + kept)
+    per_layer = compute * (HIDDEN_VALUES * shape.hidden + kept) + lora_input_bytes * shape.adapted_inputs
     # at the forward's end, the layers that kept theirs; later, once they are freed, one checkpointed layer rebuilt
     # or offloaded layer fetched back, and with offloading the next one's activations fetched ahead of it
     recomputed = checkpointed_layers - offloaded_layers
@@ -112,6 +118,15 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
              "fp8_weights": 2 * shape.largest * fp8_matmuls}
     parts = {name: value / GIB for name, value in parts.items()}
     return {**parts, "total": sum(parts.values()) + OVERHEAD_GIB}
+
+
+def lora_input_bytes(args) -> int:
+    """Bytes a run's LoRA keeps per adapted input value for its backward, besides the activations: autocast's 16-bit
+    copy of an fp32 input (--fp32_upcast), and the mask of LoRA dropout."""
+    from .modeling import compute_dtype
+
+    autocast = args.mixed_precision or compute_dtype(args.dtype) == torch.float16  # as training.training_arguments
+    return 2 * (autocast and args.fp32_upcast) + (args.lora_dropout > 0)
 
 
 def device_gib() -> float | None:
@@ -162,7 +177,7 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
     def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
         return estimate(shape, args.quantization, args.batch_size, args.seq_length, checkpointed, args.fp32_upcast,
                         chunked_loss, recompute_gelu, min(args.offloaded_layers, checkpointed),
-                        args.fp8_matmuls)["total"] <= budget
+                        args.fp8_matmuls, lora_input_bytes(args))["total"] <= budget
 
     if requested is None:
         budget = available - FIT_MARGIN_GIB
@@ -186,7 +201,7 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
     settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
                     checkpointed_layers=checkpointed, offloaded_layers=min(args.offloaded_layers, checkpointed),
                     fp32_upcast=args.fp32_upcast, recompute_gelu=args.takes_fused_path,
-                    fp8_matmuls=args.fp8_matmuls)
+                    fp8_matmuls=args.fp8_matmuls, lora_input_bytes=lora_input_bytes(args))
     needed = estimate(shape, **settings, chunked_loss=chunked_loss)
     if needed["total"] <= available:
         return needed
