@@ -209,10 +209,9 @@ def run_one(entry: str, options) -> dict:
         layers = modeling.decoder_layers(model)
         offloaded = offload.offloaded(layers)
         checkpointed = sum(layer.gradient_checkpointing for layer in layers) + offloaded
-        estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets), args.quantization, args.batch_size,
-                                    args.seq_length, checkpointed, args.fp32_upcast, recompute_gelu=recompute_gelu,
-                                    offloaded_layers=offloaded, fp8_matmuls=args.fp8_matmuls,
-                                    lora_input_bytes=memory.lora_input_bytes(args))["total"]
+        estimated = memory.estimate(memory.shape_of(config, args.lora_r, targets),
+                                    **{**memory.settings(args, checkpointed, recompute_gelu),
+                                       "offloaded_layers": offloaded})["total"]  # offloading: GPUs only
         tokenizer = modeling.load_tokenizer("tiny-starcoder")  # its pad id for the collator, its FIM token ids
         fim_options = fim.Fim(fim.tokens(tokenizer, "tiny-starcoder"), options.fim_rate, 0.5, False,
                               tokenizer.eos_token_id) if options.fim_rate else None

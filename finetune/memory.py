@@ -98,7 +98,7 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
     checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py);
     the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's;
-    `lora_input_bytes`: what LoRA keeps of each adapted input value besides, lora_input_bytes())."""
+    `lora_input_bytes`: the bytes LoRA keeps of each adapted input value, as settings() counts them)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
@@ -120,13 +120,18 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     return {**parts, "total": sum(parts.values()) + OVERHEAD_GIB}
 
 
-def lora_input_bytes(args) -> int:
-    """Bytes a run's LoRA keeps per adapted input value for its backward, besides the activations: autocast's 16-bit
-    copy of an fp32 input (--fp32_upcast), and the mask of LoRA dropout."""
-    from .modeling import compute_dtype
+def settings(args, checkpointed_layers: int, recompute_gelu: bool) -> dict:
+    """estimate()'s settings for a run of `args` with the first `checkpointed_layers` layers checkpointed."""
+    from .modeling import autocast_dtype, compute_dtype
 
-    autocast = args.mixed_precision or compute_dtype(args.dtype) == torch.float16  # as training.training_arguments
-    return 2 * (autocast and args.fp32_upcast) + (args.lora_dropout > 0)
+    autocast = autocast_dtype(compute_dtype(args.dtype), args.mixed_precision) is not None
+    return dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
+                checkpointed_layers=checkpointed_layers,
+                offloaded_layers=min(args.offloaded_layers, checkpointed_layers), fp32_upcast=args.fp32_upcast,
+                recompute_gelu=recompute_gelu, fp8_matmuls=args.fp8_matmuls,
+                # what LoRA keeps of each adapted input value for its backward, besides the activations: autocast's
+                # 16-bit copy of an fp32 input (--fp32_upcast), and LoRA dropout's mask
+                lora_input_bytes=2 * (autocast and args.fp32_upcast) + (args.lora_dropout > 0))
 
 
 def device_gib() -> float | None:
@@ -175,9 +180,8 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
     can_recompute = args.takes_fused_path
 
     def fits(checkpointed: int, recompute_gelu: bool, budget: float = available) -> bool:
-        return estimate(shape, args.quantization, args.batch_size, args.seq_length, checkpointed, args.fp32_upcast,
-                        chunked_loss, recompute_gelu, min(args.offloaded_layers, checkpointed),
-                        args.fp8_matmuls, lora_input_bytes(args))["total"] <= budget
+        needed = estimate(shape, **settings(args, checkpointed, recompute_gelu), chunked_loss=chunked_loss)
+        return needed["total"] <= budget
 
     if requested is None:
         budget = available - FIT_MARGIN_GIB
@@ -198,18 +202,15 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
         return None
     shape = shape_of(config, args.lora_r, lora_targets)
     checkpointed = shape.layers if requested is None else requested
-    settings = dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
-                    checkpointed_layers=checkpointed, offloaded_layers=min(args.offloaded_layers, checkpointed),
-                    fp32_upcast=args.fp32_upcast, recompute_gelu=args.takes_fused_path,
-                    fp8_matmuls=args.fp8_matmuls, lora_input_bytes=lora_input_bytes(args))
-    needed = estimate(shape, **settings, chunked_loss=chunked_loss)
+    asked = settings(args, checkpointed, args.takes_fused_path)
+    needed = estimate(shape, **asked, chunked_loss=chunked_loss)
     if needed["total"] <= available:
         return needed
     def fitting(changes: dict[str, dict]) -> list[str]:
         found = []
         for flags, change in changes.items():
-            total = estimate(shape, **{**settings, **change}, chunked_loss=chunked_loss)["total"]
-            if {**settings, **change} != settings and total <= available:
+            total = estimate(shape, **{**asked, **change}, chunked_loss=chunked_loss)["total"]
+            if {**asked, **change} != asked and total <= available:
                 found.append(f"{flags} (about {math.ceil(total)} GiB)")
         return found
 

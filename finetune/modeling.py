@@ -100,6 +100,12 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def autocast_dtype(dtype: torch.dtype, mixed_precision: bool) -> torch.dtype | None:
+    """What the Trainer autocasts a model computing in `dtype` to: fp16 always (it needs autocast and the loss
+    scaler), bf16 with --mixed_precision (without, a bf16 model simply computes in bf16); None otherwise."""
+    return dtype if dtype == torch.float16 or (dtype == torch.bfloat16 and mixed_precision) else None
+
+
 def check_quantization(kind: str, fp8_matmuls: bool = False) -> None:
     """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads."""
     option, instead = ("--quantization fp8", "--quantization 4bit or none") if kind == "fp8" else (

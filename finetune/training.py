@@ -10,13 +10,13 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState
 from . import checkpointing, console, evaluation, files, hub, humaneval, manifest, tracking
 from .cli import TrainArguments
 from .data import Collator
-from .modeling import compute_dtype
+from .modeling import autocast_dtype, compute_dtype
 from .pipeline import Prepared
 
 
 def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
     """The tutorial's Trainer settings on today's names (eval_strategy, not evaluation_strategy)."""
-    dtype = torch.cuda.is_available() and compute_dtype(args.dtype)
+    autocast = torch.cuda.is_available() and autocast_dtype(compute_dtype(args.dtype), args.mixed_precision)
     settings = dict(
         output_dir=checkpointing.staging(args.output_dir),  # CheckpointCallback commits each checkpoint from here
         per_device_train_batch_size=args.batch_size,
@@ -42,8 +42,8 @@ def training_arguments(args: TrainArguments, **overrides) -> TrainingArguments:
         # between the backward and the optimizer step (8 ms on an H100) left the GPU idle; without the check it runs
         # while the GPU works through the queued backward (docs/PERFORMANCE.md, 2026-12-06).
         logging_nan_inf_filter=False,
-        bf16=dtype == torch.bfloat16 and args.mixed_precision,  # off: a bf16 model simply computes in bf16
-        fp16=dtype == torch.float16,  # fp16 always needs autocast and the loss scaler
+        bf16=autocast == torch.bfloat16,
+        fp16=autocast == torch.float16,
         report_to=[args.report_to] if args.report_to != "none" else "none",
         run_name=os.path.basename(os.path.abspath(args.output_dir)),
         seed=args.seed,
