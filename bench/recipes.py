@@ -79,6 +79,15 @@ RECIPES = {
     "lean_b2_off40": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offloaded_layers=40),
     "lean_fp8": cli.RECIPES["lean_fp8"],
     "lean_fp8_all": dict(cli.RECIPES["lean_fp8"], checkpointed_layers="all"),
+    # "_bN": batch N; "_in": the checkpointed layers' inputs in CPU memory (--offload_layer_inputs)
+    "lean_b2_all_in": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offload_layer_inputs=True),
+    "lean_b2_in": dict(cli.RECIPES["lean"], batch_size=2, offload_layer_inputs=True),
+    "lean_fp8_b2_all": dict(cli.RECIPES["lean_fp8"], batch_size=2, checkpointed_layers="all"),
+    "lean_fp8_b2_all_in": dict(cli.RECIPES["lean_fp8"], batch_size=2, checkpointed_layers="all",
+                               offload_layer_inputs=True),
+    "lean_fp8_b3_all_in": dict(cli.RECIPES["lean_fp8"], batch_size=3, checkpointed_layers="all",
+                               offload_layer_inputs=True),
+    "lean_fp8_b2_in": dict(cli.RECIPES["lean_fp8"], batch_size=2, offload_layer_inputs=True),
 }
 
 
@@ -233,6 +242,7 @@ def run_one(entry: str, options) -> dict:
     result = {"recipe": name, **recipe, "family": options.family, "size": options.size, "data": options.data,
               "fim_rate": options.fim_rate, "memory_cap_gib": memory_cap_gib, "load_seconds": load_seconds,
               "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed, "offloaded_layers": offloaded,
+              "offloaded_inputs": offload.offloaded(layers, inputs=True),
               "estimated_memory_gib": estimated,
               **tflops.summary, "step_seconds": tflops.step_times, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}

@@ -41,7 +41,7 @@ RESUMABLE_CHANGES = {"output_dir", "report_to", "wandb_project", "max_train_step
                      "logging_steps", "eval_steps", "resume", "overwrite_output_dir", "grace_period_seconds",
                      "hf_token", "recipe", "humaneval", "humaneval_infilling", "humaneval_limit", "check_memory",
                      "push_to_hub", "hub_model_id", "hub_private", "fuse_lora", "compile_layers",
-                     "checkpointed_layers", "offloaded_layers"}
+                     "checkpointed_layers", "offloaded_layers", "offload_layer_inputs"}
 _held_locks: dict[str, int] = {}  # this process's locks, by output directory: open descriptors
 
 

@@ -12,7 +12,8 @@ The estimate (GiB, and what is in it):
   post-activation too where LoRA adapts the down projection, which needs its input, unless the fused path recomputes
   that input (a tanh GELU's output, finetune/fusion.py). Calibrated on StarCoder-15B, LoRA on c_attn and c_proj,
   and StarCoder2-15B, on q/k/v/o, at 4 x 2048 tokens on an H200 (docs/PERFORMANCE.md);
-  with activation checkpointing a checkpointed layer keeps only its input, and rebuilds the rest in the backward,
+  with activation checkpointing a checkpointed layer keeps only its input (in CPU memory with
+  --offload_layer_inputs), and rebuilds the rest in the backward,
   one layer at a time, after the layers that kept theirs (the last ones) have freed them; with --fp32_upcast they
   are fp32. Each adapted layer's input also keeps, for LoRA's backward, autocast's 16-bit copy of it where it is fp32
   (--fp32_upcast under autocast) and LoRA dropout's mask: measured, the qlora and tutorial recipes peaked 1.6 and
@@ -94,10 +95,11 @@ def shape_of(config, lora_r: int, lora_targets: list[str]) -> Shape:
 
 def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, checkpointed_layers: int,
              fp32_upcast: bool = False, chunked_loss: bool = True, recompute_gelu: bool = False,
-             offloaded_layers: int = 0, fp8_matmuls: bool = False, lora_input_bytes: int = 0) -> dict[str, float]:
+             offloaded_layers: int = 0, offloaded_inputs: bool = False, fp8_matmuls: bool = False,
+             lora_input_bytes: int = 0) -> dict[str, float]:
     """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
-    checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py);
-    the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's;
+    checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py),
+    and the rest, with `offloaded_inputs`, their inputs; the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's;
     `lora_input_bytes`: the bytes LoRA keeps of each adapted input value, as settings() counts them)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
@@ -110,8 +112,10 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
     # at the forward's end, the layers that kept theirs; later, once they are freed, one checkpointed layer rebuilt
     # or offloaded layer fetched back, and with offloading the next one's activations fetched ahead of it
     recomputed = checkpointed_layers - offloaded_layers
+    # inputs in CPU memory: on the GPU only the one a recompute reads and the one fetched ahead of it
+    inputs_kept = min(recomputed, 2) if offloaded_inputs else recomputed
     kept_or_rebuilt = max(shape.layers - checkpointed_layers, 1 if checkpointed_layers else 0) + (offloaded_layers > 0)
-    activations = tokens * (recomputed * compute * shape.hidden + kept_or_rebuilt * per_layer)
+    activations = tokens * (inputs_kept * compute * shape.hidden + kept_or_rebuilt * per_layer)
     loss_tokens = min(tokens, CHUNK_TOKENS) if chunked_loss else tokens
     parts = {"weights": weights, "lora": shape.lora * (2 + 2 + 8), "activations": activations,
              "loss": loss_tokens * shape.vocab * (2 + 4 + 4), "backward": 2 * tokens * shape.mlp * 2,
@@ -127,7 +131,8 @@ def settings(args, checkpointed_layers: int, recompute_gelu: bool) -> dict:
     autocast = autocast_dtype(compute_dtype(args.dtype), args.mixed_precision) is not None
     return dict(quantization=args.quantization, batch_size=args.batch_size, seq_length=args.seq_length,
                 checkpointed_layers=checkpointed_layers,
-                offloaded_layers=min(args.offloaded_layers, checkpointed_layers), fp32_upcast=args.fp32_upcast,
+                offloaded_layers=min(args.offloaded_layers, checkpointed_layers),
+                offloaded_inputs=args.offload_layer_inputs, fp32_upcast=args.fp32_upcast,
                 recompute_gelu=recompute_gelu, fp8_matmuls=args.fp8_matmuls,
                 # what LoRA keeps of each adapted input value for its backward, besides the activations: autocast's
                 # 16-bit copy of an fp32 input (--fp32_upcast), and LoRA dropout's mask
@@ -217,7 +222,8 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
     smaller = sorted({args.batch_size // 2, 1} - {0, args.batch_size}, reverse=True)
     every = shape.layers
     all_layers = "--checkpointed_layers all" if args.gradient_checkpointing else "--gradient_checkpointing"
-    found = fitting({all_layers: dict(checkpointed_layers=every),
+    inputs = {"--offload_layer_inputs": dict(offloaded_inputs=True)} if checkpointed else {}
+    found = fitting({all_layers: dict(checkpointed_layers=every), **inputs,
                      **{f"--batch_size {b}": dict(batch_size=b) for b in smaller},
                      "--quantization 4bit": dict(quantization="4bit")}) or \
         fitting({"--gradient_checkpointing --quantization 4bit": dict(checkpointed_layers=every, quantization="4bit"),

@@ -42,6 +42,8 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     if args.offloaded_layers and modeling.fsdp_enabled():
         raise UsageError("--offloaded_layers is not built for FSDP, whose gathered weights it would copy out as "
                          "activations: give --offloaded_layers 0")
+    if args.offload_layer_inputs and modeling.fsdp_enabled():
+        raise UsageError("--offload_layer_inputs is not built for FSDP: leave it out")
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN
@@ -110,11 +112,14 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
                                                chunked_loss=not modeling.fsdp_enabled())
     modeling.checkpoint_only_first(model, checkpointed)
     offloaded = offload.plan(checkpointed, args.offloaded_layers)
+    # the checkpointed layers that recompute (not offloaded whole) keep their inputs in CPU memory
+    inputs_offloaded = [i for i in range(checkpointed) if i not in offloaded] if args.offload_layer_inputs else []
     if int(os.environ.get("RANK", 0)) == 0:
         model.print_trainable_parameters()
         if args.gradient_checkpointing:
             print(f"activation checkpointing in {checkpointed} of {model.config.num_hidden_layers} decoder layers"
-                  + (f", {len(offloaded)} of them offloaded to CPU memory instead of recomputed" if offloaded else ""),
+                  + (f", {len(offloaded)} of them offloaded to CPU memory instead of recomputed" if offloaded else "")
+                  + (f", {len(inputs_offloaded)} with their inputs in CPU memory" if inputs_offloaded else ""),
                   flush=True)
     if fp8_base:
         fp8.convert(model, modeling.device())  # after LoRA: its A and B stay trainable bf16 layers
@@ -129,7 +134,7 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     # chunked loss's own forward would not go through.
     if not modeling.fsdp_enabled() and not any(p.requires_grad for p in model.get_output_embeddings().parameters()):
         chunked_loss.use(model.get_base_model())
-    if offloaded:
+    if offloaded or inputs_offloaded:
         layers = modeling.decoder_layers(model)
-        offload.use(model, [layers[i] for i in offloaded])
+        offload.use(model, [layers[i] for i in offloaded], [layers[i] for i in inputs_offloaded])
     return model

@@ -1,5 +1,6 @@
 """Activation offloading (finetune/offload.py): offloaded layers compute what checkpointed ones do, copy each storage
-once and no weight, free what they copied, and the run learns the same."""
+once and no weight, free what they copied, and the run learns the same; so do checkpointed layers whose inputs are
+offloaded."""
 
 import pytest
 import torch
@@ -81,6 +82,39 @@ def test_offloaded_layers_give_the_loss_and_gradients_of_checkpointed_ones(monke
     assert again == pytest.approx(loss, rel=1e-6) and offloader.layers == {}
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name,targets", CASES)
+def test_checkpointed_layers_with_their_inputs_offloaded_give_the_same_loss_and_gradients(monkeypatch, name, targets,
+                                                                                          fused):
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    model = checkpointed_model(name, targets, fused)
+    ids = torch.randint(20, 4000, (2, 24))
+    torch.manual_seed(1)
+    loss, grads = loss_and_grads(model, ids)
+    layers = modeling.decoder_layers(model)
+    offloader = offload.use(model, [], layers)
+    assert offload.offloaded(layers, inputs=True) == len(layers) and offload.offloaded(layers) == 0
+
+    torch.manual_seed(1)  # the same dropout masks: the recompute draws them again as the checkpoint always does
+    output = model(input_ids=ids, labels=ids)
+    hidden_states = 2 * 24 * model.config.hidden_size * 4  # one (2, 24, hidden) fp32 tensor a layer
+    assert sorted(offloader.layers) == list(range(len(layers)))
+    for layer in offloader.layers.values():  # each layer's input, once, and nothing of what the layer computes
+        assert [host.numel() for host in layer.host.values()] == [hidden_states] and layer.unread == 1
+        assert not layer.sources
+    model.zero_grad(set_to_none=True)
+    output.loss.backward()
+    assert offloader.layers == {}
+    assert output.loss.item() == pytest.approx(loss, rel=1e-6)
+    offloaded = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert offloaded.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(offloaded[n], grads[n], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation does not checkpoint, and copies nothing
+        model.eval()(input_ids=ids)
+    assert offloader.layers == {}
+
+
 def test_a_single_offloaded_layer_trains_step_after_step(monkeypatch):
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     model = checkpointed_model(*CASES[0], fused=True)
@@ -145,6 +179,30 @@ def test_a_run_with_offloaded_layers_computes_each_forward_once_and_learns_as_th
     assert len(losses) == 2 and losses == pytest.approx(checkpointed_losses, rel=1e-5)
 
 
+def test_offloaded_inputs_lower_the_estimate_by_all_but_two_checkpointed_inputs():
+    config = architecture.config("gpt_bigcode", "15b")
+    shape = memory.shape_of(config, 16, modeling.lora_targets(config, None))
+    for checkpointed, kept in [(40, 2), (24, 2), (1, 1)]:
+        saved = (memory.estimate(shape, "4bit", 2, 2048, checkpointed)["total"]
+                 - memory.estimate(shape, "4bit", 2, 2048, checkpointed, offloaded_inputs=True)["total"])
+        assert saved == pytest.approx((checkpointed - kept) * 2 * 2048 * 2 * config.hidden_size / memory.GIB)
+
+
+def test_a_run_with_offloaded_inputs_recomputes_each_checkpointed_layer_and_learns_as_the_checkpointed_run(
+        tmp_path, capsys):
+    def train(name, **flags):
+        return train_counting_forwards(tiny_args(tmp_path / name, max_train_steps=2, eval_steps=2,
+                                                 gradient_checkpointing=True, checkpointed_layers="3", **flags))
+
+    flags, calls, losses = train("inputs", offload_layer_inputs=True)
+    assert "activation checkpointing in 3 of 4 decoder layers, 3 with their inputs in CPU memory" in \
+        capsys.readouterr().out
+    once = calls[3]  # the last layer, not checkpointed: the training forwards and the evaluations
+    assert flags == [True, True, True, False] and calls == [once + 2] * 3 + [once]
+    _, _, checkpointed_losses = train("checkpointed")
+    assert len(losses) == 2 and losses == pytest.approx(checkpointed_losses, rel=1e-5)
+
+
 def test_offloading_under_fsdp_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     argv = ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--gradient_checkpointing", "--offloaded_layers",
@@ -158,13 +216,14 @@ def test_offloading_under_fsdp_is_refused_before_anything_is_written(tmp_path, m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the copies run on a CUDA stream")
-def test_on_a_gpu_the_copies_go_to_pinned_memory_and_give_the_same_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("inputs", [False, True])
+def test_on_a_gpu_the_copies_go_to_pinned_memory_and_give_the_same_loss_and_gradients(monkeypatch, inputs):
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     model = checkpointed_model(*CASES[1], fused=True, device="cuda")
     ids = torch.randint(20, 4000, (2, 24), device="cuda")
     torch.manual_seed(1)
     loss, grads = loss_and_grads(model, ids)
-    offloader, _ = offload_some(model, monkeypatch)
+    offloader = offload.use(model, [], modeling.decoder_layers(model)) if inputs else offload_some(model, monkeypatch)[0]
     torch.manual_seed(1)
     output = model(input_ids=ids, labels=ids)
     assert all(host.is_pinned() and host.device.type == "cpu" for layer in offloader.layers.values()

@@ -126,6 +126,10 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
      "--offloaded_layers must be a number of layers, 0 or more, got -1"),
     (lambda d: ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
      "--offloaded_layers is not built for compiled layers"),
+    (lambda d: ["--offload_layer_inputs"], "--offload_layer_inputs offloads the inputs of the layers "
+                                           "--gradient_checkpointing checkpoints: add it"),
+    (lambda d: ["--gradient_checkpointing", "--offload_layer_inputs", "--compile_layers"],
+     "--offload_layer_inputs is not built for compiled layers"),
     (lambda d: ["--push_to_hub", "--hub_model_id", "not an id!"], "is not a Hub repository id"),
     (lambda d: ["--model", str(d / "no-weights")], "holds a config.json but no weights"),
     (lambda d: ["--model", str(d / "other-shape")], "the config and the weights are of different models"),
