@@ -42,7 +42,10 @@ from flops_counter import peak_tflops  # noqa: E402
 # fp32 upcasts, gradient checkpointing); "bf16_lora" LoRA on an unquantized bf16 base with peft's defaults; "fast",
 # "fp8" and "lean" are ours (docs/PERFORMANCE.md); "fast_joined" is "fast" with examples joined in their block
 # (attention across them, StarCoder's attention dropout on), as packing worked before per-example attention; "_all"
-# checkpoints every layer, where the recipe checkpoints only as many as the GPU's memory needs.
+# checkpoints every layer, where the recipe checkpoints only as many as the GPU's memory needs; "_b1" is a lean recipe
+# as it was before its checkpointed layers' inputs went to CPU memory (1 x 2048, inputs on the GPU).
+_LEAN_B1 = dict(cli.RECIPES["lean"], batch_size=1, offload_layer_inputs=False)
+_LEAN_FP8_B1 = dict(cli.RECIPES["lean_fp8"], batch_size=1, offload_layer_inputs=False)
 RECIPES = {
     "tutorial": cli.RECIPES["tutorial"],
     "qlora": cli.RECIPES["qlora"],
@@ -71,23 +74,19 @@ RECIPES = {
     "fp8_lean_all": dict(cli.RECIPES["fp8_lean"], checkpointed_layers="all"),
     "lean": cli.RECIPES["lean"],
     "lean_all": dict(cli.RECIPES["lean"], checkpointed_layers="all"),
-    "lean_b2": dict(cli.RECIPES["lean"], batch_size=2),
-    "lean_b2_all": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all"),
+    "lean_b1": _LEAN_B1,
+    "lean_b1_all": dict(_LEAN_B1, checkpointed_layers="all"),
+    "lean_b2": dict(_LEAN_B1, batch_size=2),
+    "lean_b2_all": dict(_LEAN_B1, batch_size=2, checkpointed_layers="all"),
     # "_offN": N of the checkpointed layers offloaded to CPU memory instead of recomputed (finetune/offload.py)
-    "lean_off20": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=20),
-    "lean_off40": dict(cli.RECIPES["lean"], checkpointed_layers="all", offloaded_layers=40),
-    "lean_b2_off40": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offloaded_layers=40),
+    "lean_off20": dict(_LEAN_B1, checkpointed_layers="all", offloaded_layers=20),
+    "lean_off40": dict(_LEAN_B1, checkpointed_layers="all", offloaded_layers=40),
+    "lean_b2_off40": dict(_LEAN_B1, batch_size=2, checkpointed_layers="all", offloaded_layers=40),
     "lean_fp8": cli.RECIPES["lean_fp8"],
     "lean_fp8_all": dict(cli.RECIPES["lean_fp8"], checkpointed_layers="all"),
-    # "_bN": batch N; "_in": the checkpointed layers' inputs in CPU memory (--offload_layer_inputs)
-    "lean_b2_all_in": dict(cli.RECIPES["lean"], batch_size=2, checkpointed_layers="all", offload_layer_inputs=True),
-    "lean_b2_in": dict(cli.RECIPES["lean"], batch_size=2, offload_layer_inputs=True),
-    "lean_fp8_b2_all": dict(cli.RECIPES["lean_fp8"], batch_size=2, checkpointed_layers="all"),
-    "lean_fp8_b2_all_in": dict(cli.RECIPES["lean_fp8"], batch_size=2, checkpointed_layers="all",
-                               offload_layer_inputs=True),
-    "lean_fp8_b3_all_in": dict(cli.RECIPES["lean_fp8"], batch_size=3, checkpointed_layers="all",
-                               offload_layer_inputs=True),
-    "lean_fp8_b2_in": dict(cli.RECIPES["lean_fp8"], batch_size=2, offload_layer_inputs=True),
+    "lean_fp8_b3_all": dict(cli.RECIPES["lean_fp8"], batch_size=3, checkpointed_layers="all"),
+    "lean_fp8_b1": _LEAN_FP8_B1,
+    "lean_fp8_b1_all": dict(_LEAN_FP8_B1, checkpointed_layers="all"),
 }
 
 

@@ -167,12 +167,12 @@ class TrainArguments:
                 "bf16 = fast with the base unquantized in bf16 (80 GB cards without FP8: A100); "
                 "long = whole files at StarCoder's full 8,192 tokens, 1 per batch, FP8 base (StarCoder2's 16,384: "
                 "add --seq_length 16384 --gradient_checkpointing); fp8_lean = FP8 base, packed 2 x 2048 with "
-                "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 1 x 2048 "
-                "with checkpointing (StarCoder-15B in 11 GiB with every layer checkpointed); lean_fp8 = lean with "
-                "FP8 matmuls (a 16 GB card with FP8: RTX 4060 Ti 16 GB, 4080, 5080; 1.37x lean on an H100, "
-                "2026-12-07, docs/PERFORMANCE.md); these three checkpoint only the "
-                "layers the GPU needs (--checkpointed_layers fit); qlora = the common QLoRA recipe; tutorial = the "
-                "tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
+                "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 2 x 2048 "
+                "with checkpointing, the checkpointed layers' inputs in CPU memory (StarCoder-15B in 10.2 GiB with "
+                "every layer checkpointed); lean_fp8 = lean with FP8 matmuls (a 16 GB card with FP8: RTX 4060 Ti "
+                "16 GB, 4080, 5080; 1.47x lean within 11.5 GiB on an H100, 2026-12-07, docs/PERFORMANCE.md); these "
+                "three checkpoint only the layers the GPU needs (--checkpointed_layers fit); qlora = the common QLoRA "
+                "recipe; tutorial = the tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about a quarter slower."})
     checkpointed_layers: str = field(default="all", metadata={
@@ -182,14 +182,15 @@ class TrainArguments:
     offloaded_layers: int = field(default=0, metadata={
         "help": "With --gradient_checkpointing, how many of the checkpointed layers, spread among them, keep their "
                 "activations in CPU memory instead of recomputing them (finetune/offload.py): copied out and back "
-                "over PCIe beside the compute. Saves memory, not time: StarCoder-15B's lean with all 40 offloaded "
-                "used 0.9 GiB less and ran 1.9%% slower (H100, 2026-12-07, docs/PERFORMANCE.md). GPUs only: on the "
-                "CPU they stay checkpointed."})
+                "over PCIe beside the compute. Saves memory, not time: StarCoder-15B's lean at 1 x 2048 with all 40 "
+                "offloaded used 0.9 GiB less and ran 1.9%% slower (H100, 2026-12-07, docs/PERFORMANCE.md). GPUs "
+                "only: on the CPU they stay checkpointed."})
     offload_layer_inputs: bool = field(default=False, metadata={
         "help": "With --gradient_checkpointing, each checkpointed layer keeps the input it recomputes from in pinned "
                 "CPU memory instead of the GPU's, copied out and back beside the compute (finetune/offload.py; "
                 "Unsloth's offloaded checkpointing): 2 bytes x hidden size a token and layer, 0.94 GiB for "
-                "StarCoder-15B's 40 layers at 1 x 2,048, for a larger batch within the same memory."})
+                "StarCoder-15B's 40 layers at 1 x 2,048, for a larger batch within the same memory (the lean "
+                "recipes: 2 x 2048)."})
     fp32_upcast: bool = field(default=False, metadata={
         "help": "Keep fp32 copies of norms, embeddings and LM head (peft's prepare_model_for_kbit_training): the "
                 "classic QLoRA set-up; slower and larger, and bf16 norms train fine (docs/PERFORMANCE.md)."})
@@ -377,10 +378,14 @@ RECIPES = {
     # of fewer layers where the card has room
     "fp8_lean": dict(quantization="fp8", batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True,
                      checkpointed_layers="fit"),
-    "lean": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True, checkpointed_layers="fit"),
+    # 16 GB: the checkpointed layers' inputs in CPU memory make room for 2 x 2048, whose step no longer waits on the
+    # host as 1 x 2048's does: within 11.5 GiB lean_fp8 1.17x and lean 1.09x their batch-1 speed (H100, 2026-12-07,
+    # docs/PERFORMANCE.md)
+    "lean": dict(batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True, checkpointed_layers="fit",
+                 offload_layer_inputs=True),
     # 16 GB with FP8 tensor cores: lean's NF4 storage, its matmuls in FP8 (the base dequantized to e4m3, not bf16)
-    "lean_fp8": dict(batch_size=1, seq_length=2048, packing=True, gradient_checkpointing=True,
-                     checkpointed_layers="fit", fp8_matmuls=True),
+    "lean_fp8": dict(batch_size=2, seq_length=2048, packing=True, gradient_checkpointing=True,
+                     checkpointed_layers="fit", offload_layer_inputs=True, fp8_matmuls=True),
     "qlora": dict(_CLASSIC, batch_size=8, seq_length=2048, packing=True, gradient_checkpointing=True),
     "tutorial": dict(_CLASSIC, quantization="8bit", dtype="float16", batch_size=1, seq_length=512),
 }

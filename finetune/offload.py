@@ -8,15 +8,19 @@ Unsloth's offloaded checkpointing, through autograd's saved-tensor hooks.
 
 PCIe bounds it: 46.5 GB/s each way with both directions busy (PCIe 5.0 x16, an H100), against about 280 MB (by
 count) that a StarCoder-15B layer saves at 2,048 tokens. So it saves memory, not time: with every layer of `lean`
-offloaded, 0.9 GiB less and 1.9% slower than with every layer checkpointed (H100, 2026-12-07, `python
-bench/recipes.py --size 15b --steps 4 --warmup 2 --recipes lean_all@11.5,lean_off40@11.5`; docs/PERFORMANCE.md).
-No recipe uses it.
+at 1 x 2,048 offloaded, 0.9 GiB less and 1.9% slower than with every layer checkpointed (H100, 2026-12-07, `python
+bench/recipes.py --size 15b --steps 4 --warmup 2 --recipes lean_all@11.5,lean_off40@11.5`, `lean_all` then at
+1 x 2,048, now `lean_b1_all`; docs/PERFORMANCE.md). No recipe uses it.
 
 Checkpointed layers can keep their inputs there too (`--offload_layer_inputs`): the hidden states each one recomputes
 from, all that a checkpointed layer holds on the GPU between its forward and its backward (2 bytes x hidden a token:
 0.94 GiB for StarCoder-15B's 40 layers at 1 x 2,048). The checkpoint saves them through autograd's saved-tensor
 hooks, so the same copies apply, one input per layer each way, small beside the layer's two forwards. As Unsloth's
-offloaded gradient checkpointing: it lets a 16 GB recipe train at a larger batch.
+offloaded gradient checkpointing: it lets a 16 GB recipe train at a larger batch, whose step no longer waits on the
+host. The lean recipes use it: within 11.5 GiB, at 2 x 2,048 with every layer checkpointed, `lean_fp8` trained at
+8,090 tokens/s in 10.1 GiB against 6,937 in 10.4 at 1 x 2,048 without it, and `lean` at 5,490 against 5,046 (H100,
+2026-12-07, docs/PERFORMANCE.md). The inputs are hidden states, never weights, so they are offloaded under FSDP too,
+where whole layers are not (their gathered weights would go with them).
 
 Each GPU storage is copied once per layer however many saved tensors view it (FlashAttention's q, k and v; a LoRA
 layer's input that the attention saved as its output), and each tensor comes back as the same view of its storage.

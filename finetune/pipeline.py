@@ -42,8 +42,6 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     if args.offloaded_layers and modeling.fsdp_enabled():
         raise UsageError("--offloaded_layers is not built for FSDP, whose gathered weights it would copy out as "
                          "activations: give --offloaded_layers 0")
-    if args.offload_layer_inputs and modeling.fsdp_enabled():
-        raise UsageError("--offload_layer_inputs is not built for FSDP: leave it out")
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN

@@ -158,8 +158,11 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
         return measured
     checkpointing = config["gradient_checkpointing"]
     child_args = dataclasses.replace(args, output_dir=directory, batch_size=config["batch_size"],
-                                     gradient_checkpointing=checkpointing,  # with it, the layers given (lean: fit)
+                                     # with it, the layers given (lean: fit), and what they offload
+                                     gradient_checkpointing=checkpointing,
                                      checkpointed_layers=args.checkpointed_layers if checkpointing else "all",
+                                     offloaded_layers=args.offloaded_layers if checkpointing else 0,
+                                     offload_layer_inputs=args.offload_layer_inputs and checkpointing,
                                      packing=config["packing"], recipe=None, overwrite_output_dir=True,  # measure anew
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
     child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"])

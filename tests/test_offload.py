@@ -86,7 +86,7 @@ def test_offloaded_layers_give_the_loss_and_gradients_of_checkpointed_ones(monke
 @pytest.mark.parametrize("name,targets", CASES)
 def test_checkpointed_layers_with_their_inputs_offloaded_give_the_same_loss_and_gradients(monkeypatch, name, targets,
                                                                                           fused):
-    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)  # whatever has bytes to free (transformers 5.17 saves an empty one)
     model = checkpointed_model(name, targets, fused)
     ids = torch.randint(20, 4000, (2, 24))
     torch.manual_seed(1)
@@ -146,7 +146,8 @@ def test_offloaded_layers_are_spread_among_the_checkpointed_ones():
     for checkpointed, offloaded in [(40, 13), (21, 20), (7, 3)]:
         chosen = offload.spread(checkpointed, offloaded)
         assert len(set(chosen)) == offloaded and max(chosen) < checkpointed
-    assert offload.plan(40, 20) == []  # on the CPU: nothing to gain, the layers stay checkpointed
+    # on the CPU nothing to gain: the layers stay checkpointed
+    assert offload.plan(40, 20) == (offload.spread(40, 20) if torch.cuda.is_available() else [])
 
 
 def test_offloading_lowers_the_memory_estimate_below_checkpointing():
@@ -218,7 +219,7 @@ def test_offloading_under_fsdp_is_refused_before_anything_is_written(tmp_path, m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the copies run on a CUDA stream")
 @pytest.mark.parametrize("inputs", [False, True])
 def test_on_a_gpu_the_copies_go_to_pinned_memory_and_give_the_same_loss_and_gradients(monkeypatch, inputs):
-    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    monkeypatch.setattr(offload, "MIN_BYTES", 1)  # an empty tensor has no pinned memory to show
     model = checkpointed_model(*CASES[1], fused=True, device="cuda")
     ids = torch.randint(20, 4000, (2, 24), device="cuda")
     torch.manual_seed(1)

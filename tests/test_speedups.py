@@ -99,8 +99,9 @@ def test_padding_is_masked_out_of_the_labels():
 
 
 def test_a_sweep_of_checkpointing_under_a_lean_recipe_gives_each_child_flags_it_accepts(tmp_path):
-    """--recipe lean checkpoints the layers that fit (--checkpointed_layers fit), which needs checkpointing on: a
-    sweep's child without checkpointing gets `all`, one with it keeps `fit`; each parses its flags."""
+    """--recipe lean checkpoints the layers that fit (--checkpointed_layers fit) and offloads their inputs, which
+    needs checkpointing on: a sweep's child without checkpointing gets `all` and no offloading, one with it keeps
+    both; each parses its flags."""
     from karpathy_speedups_example import SpeedupArguments
 
     seen = tmp_path / "seen.jsonl"
@@ -109,14 +110,15 @@ def test_a_sweep_of_checkpointing_under_a_lean_recipe_gives_each_child_flags_it_
                      "from karpathy_speedups_example import SpeedupArguments\n"
                      "args, _ = cli.parse(cli.TrainArguments, SpeedupArguments)\n"
                      f"with open({str(seen)!r}, 'a') as f:\n"
-                     "    f.write(json.dumps([args.gradient_checkpointing, args.checkpointed_layers]) + '\\n')\n")
+                     "    f.write(json.dumps([args.gradient_checkpointing, args.checkpointed_layers, "
+                     "args.offload_layer_inputs]) + '\\n')\n")
     (args,) = cli.parse(cli.TrainArguments, argv=["--recipe", "lean", "--output_dir", str(tmp_path / "out")])
     for checkpointing in (False, True):
         config = dict(batch_size=1, num_workers=0, pin_memory=False, packing=True,
                       gradient_checkpointing=checkpointing)
         sweep.run_configuration(str(child), args, SpeedupArguments(num_workers=0), config, str(tmp_path / "sweep"),
                                 "test")
-    assert [json.loads(line) for line in seen.read_text().splitlines()] == [[False, "all"], [True, "fit"]]
+    assert [json.loads(line) for line in seen.read_text().splitlines()] == [[False, "all", False], [True, "fit", True]]
 
 
 def test_recipe_presets_yield_to_explicit_flags():

@@ -101,7 +101,7 @@ def test_a_settings_file_with_flags_over_it(tmp_path):
     settings = tmp_path / "run.yaml"
     settings.write_text("recipe: lean\nmodel: tiny-starcoder\nlora_r: 8\npacking: true\nwarmup_steps: null\n")
     (args,) = cli.parse(TrainArguments, argv=[str(settings), "--lora_r", "4"])
-    assert (args.lora_r, args.batch_size, args.gradient_checkpointing, args.model) == (4, 1, True, "tiny-starcoder")
+    assert (args.lora_r, args.batch_size, args.gradient_checkpointing, args.model) == (4, 2, True, "tiny-starcoder")
     as_json = tmp_path / "run.json"
     as_json.write_text(json.dumps({"lora_alpha": 64, "packing": False}))
     (args,) = cli.parse(TrainArguments, argv=[str(as_json)])
