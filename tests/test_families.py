@@ -202,6 +202,19 @@ def test_the_memory_estimate_names_what_would_fit(monkeypatch):
     assert memory.check(short, config, targets)["total"] < 79.6
 
 
+def test_a_16_gb_run_short_of_memory_is_told_to_offload_its_checkpointed_layers_inputs(monkeypatch):
+    """StarCoder-15B at 2 x 2,048 with every layer checkpointed and the checkpoints on the GPU needs about 13 GiB: on a
+    card with 11.5 GiB the check names --offload_layer_inputs, with which --recipe lean_fp8 fits there."""
+    monkeypatch.setattr(memory, "device_gib", lambda: 11.5)
+    config = architecture.config("gpt_bigcode", "15b")
+    targets = modeling.lora_targets(config, None)
+    recipe = TrainArguments(model="tiny-starcoder", dtype="bfloat16", **{**cli.RECIPES["lean_fp8"],
+                                                                          "checkpointed_layers": "all"})
+    with pytest.raises(cli.UsageError, match=r"this would fit: --offload_layer_inputs \(about 12 GiB\)"):
+        memory.check(dataclasses.replace(recipe, offload_layer_inputs=False), config, targets)
+    assert memory.check(recipe, config, targets)["total"] <= 11.5
+
+
 EVERY_RECIPE = {"qlora", "tutorial", "fp8", "fp8_lean", "fast", "bf16"}
 
 
