@@ -169,10 +169,11 @@ class TrainArguments:
                 "add --seq_length 16384 --gradient_checkpointing); fp8_lean = FP8 base, packed 2 x 2048 with "
                 "checkpointing (StarCoder-15B on a 24 GB card with FP8: RTX 4090, L4, L40S); lean = packed 2 x 2048 "
                 "with checkpointing, the checkpointed layers' inputs in CPU memory (StarCoder-15B in 10.2 GiB with "
-                "every layer checkpointed); lean_fp8 = lean with FP8 matmuls (a 16 GB card with FP8: RTX 4060 Ti "
-                "16 GB, 4080, 5080; 1.47x lean within 11.5 GiB on an H100, 2026-12-07, docs/PERFORMANCE.md); these "
-                "three checkpoint only the layers the GPU needs (--checkpointed_layers fit); qlora = the common QLoRA "
-                "recipe; tutorial = the tutorial's 8-bit fp16 set-up. See docs/PERFORMANCE.md."})
+                "every layer checkpointed, H100, 2026-12-07); lean_fp8 = lean with FP8 matmuls (a 16 GB card with "
+                "FP8: RTX 4060 Ti 16 GB, 4080, 5080; 1.47x lean within 11.5 GiB on an H100, 2026-12-07, "
+                "docs/PERFORMANCE.md); these three checkpoint only the layers the GPU needs (--checkpointed_layers "
+                "fit); qlora = the common QLoRA recipe; tutorial = the tutorial's 8-bit fp16 set-up. See "
+                "docs/PERFORMANCE.md."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about a quarter slower."})
     checkpointed_layers: str = field(default="all", metadata={

@@ -99,8 +99,9 @@ def estimate(shape: Shape, quantization: str, batch_size: int, seq_length: int, 
              lora_input_bytes: int = 0) -> dict[str, float]:
     """GiB by component, and `total`: the peak of a training step with `checkpointed_layers` decoder layers
     checkpointed, of which `offloaded_layers` keep their activations in CPU memory instead (finetune/offload.py),
-    and the rest, with `offloaded_inputs`, their inputs; the other layers keep theirs (`recompute_gelu`: fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's;
-    `lora_input_bytes`: the bytes LoRA keeps of each adapted input value, as settings() counts them)."""
+    and the rest, with `offloaded_inputs`, their inputs; the other layers keep theirs (`recompute_gelu`:
+    fusion.fuse_lora's; `fp8_matmuls`: fp8.multiply_4bit_in_fp8's; `lora_input_bytes`: the bytes LoRA keeps of each
+    adapted input value, as settings() counts them)."""
     compute = 4 if fp32_upcast else 2
     # bitsandbytes leaves the head 16-bit (a tied one is the embedding); FP8 converts it, a tied one into a copy
     head_bytes = 1 if quantization == "fp8" else 0 if shape.tied else 2
