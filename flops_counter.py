@@ -80,7 +80,8 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool | None = F
     - activation checkpointing recomputes the forward of every checkpointed decoder layer once more: that is
       hardware FLOPs, not model FLOPs. `gradient_checkpointing`: True, every decoder layer; None, each as it is set
       (its `gradient_checkpointing`, which transformers' gradient_checkpointing_enable sets; finetune may leave
-      the last layers out).
+      the last layers out). A linear layer marked `not_recomputed` is not (finetune/fusion.py's down projection,
+      whose output its layer's backward never reads).
     Layers are read from the model's module tree (its Linear and Conv1D modules, quantized or not, LoRA adapters
     included), whose registration order follows the forward pass in Hugging Face causal LMs; heads and head size
     come from the config. Embedding lookups cost no FLOPs; a tied LM head is a full matmul and is counted.
@@ -98,7 +99,7 @@ def flops_per_token(model, seq_len: int, gradient_checkpointing: bool | None = F
         counts["linear_forward"] += matmul
         counts["linear_input_grad"] += matmul if gradient_flows else 0
         counts["linear_weight_grad"] += matmul if trainable else 0
-        recompute += matmul if checkpointed else 0
+        recompute += matmul if checkpointed and not getattr(module, "not_recomputed", False) else 0
         return gradient_flows or trainable
 
     def walk(module, gradient_flows: bool, checkpointed: bool, block: bool = False) -> bool:

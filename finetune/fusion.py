@@ -14,6 +14,11 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   only the GELU's input is kept for the backward and its output, LoRA's input, is recomputed there instead of held:
   24,576 values a token and layer on StarCoder-15B, 15 GiB at 4 x 2,048, for a second GELU pass (1.1% of an FP8
   step). finetune/memory.py turns it on where a run needs the memory.
+- `fuse_lora(..., skip_unread=True)`: a checkpointed decoder layer's recompute runs its forward again only for the
+  tensors its backward reads, and in StarCoder and StarCoder2 the MLP's down projection ends the layer: its output
+  goes only into the residual sum, which saves nothing. So in the recompute that projection computes only what it
+  saves (LoRA's down-projection, the GELU's output where kept) and skips its GEMM: 40% of a StarCoder-15B layer's
+  weights, a seventh of a checkpointed layer's GEMM work.
 - `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
   base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
   own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
@@ -93,11 +98,16 @@ class _LoraLinear(torch.autograd.Function):
     is kept for the backward or, with `recompute`, computed again there."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool):
+    def forward(ctx, x, lora_a, lora_b, weight, weight_scale, bias, gelu: bool, recompute: bool, unread: bool):
         rows = x.reshape(-1, x.shape[-1])
-        inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu)
+        if unread:  # a recompute that reads only what this saves (skip_unread): no GEMM, an output never written
+            inputs = _gelu(rows) if gelu else rows
+            out = rows.new_empty(rows.shape[0], lora_b.shape[0])
+        else:
+            inputs, out = _base_forward(rows, weight, weight_scale, bias, gelu)
         down = inputs @ lora_a.t()
-        out = _add_low_rank_(out, down, lora_b.t())
+        if not unread:
+            out = _add_low_rank_(out, down, lora_b.t())
         ctx.gelu = gelu
         kept = inputs if gelu and not recompute else None
         ctx.save_for_backward(rows, kept, down, lora_a, lora_b, weight, weight_scale)
@@ -117,7 +127,7 @@ class _LoraLinear(torch.autograd.Function):
             if ctx.gelu:
                 grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
-        return grad_in, grad_a, grad_b, None, None, None, None, None
+        return grad_in, grad_a, grad_b, None, None, None, None, None, None
 
 
 def _frozen_base(layer, x):
@@ -144,7 +154,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     base = _frozen_base(self, x) if name is not None else None
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
-        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute")
+        return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute",
+                                 getattr(self, "_in_recompute", False))
     if gelu:
         x = _gelu(x)
     if name is None:
@@ -192,7 +203,7 @@ class _Siblings:
         name = self.layers[0].active_adapters[0]
         down = torch.cat([layer.lora_A[name].weight for layer in self.layers])
         up = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False)
+        out = _LoraLinear.apply(x, down, up, self.weight, self.scale, self.bias, False, False, False)
         # A slice that attention saves for the backward (v) would keep the whole output alive: the small ones are
         # copied out (k and v are 7% each of StarCoder2-15B's q/k/v width).
         return [part if 4 * size >= out.shape[-1] else part.contiguous()
@@ -210,12 +221,54 @@ def recomputes_gelu(model) -> bool:
     return any(getattr(module, "_gelu_input", None) == "recompute" for module in model.modules())
 
 
-def fuse_lora(model, recompute_gelu: bool = False) -> int:
+def _skipping_unread(checkpoint, downs: list):
+    """A decoder layer's checkpoint function (transformers' `_gradient_checkpointing_func`) under which the layer's
+    recompute, each call of its function after the first, has `downs` (its adapted down projections) skip their
+    output. Calls, not autograd's state, tell the two apart: reentrant checkpointing recomputes with gradients on
+    too."""
+    def checkpoint_skipping_unread(function, *args, **kwargs):
+        calls = 0
+
+        def run(*run_args, **run_kwargs):
+            nonlocal calls
+            calls += 1
+            for down in downs:
+                down._in_recompute = calls > 1
+            try:
+                return function(*run_args, **run_kwargs)
+            finally:
+                for down in downs:
+                    down._in_recompute = False
+
+        return checkpoint(run, *args, **kwargs)
+
+    return checkpoint_skipping_unread
+
+
+def _skip_unread(model) -> None:
+    """Each checkpointed decoder layer's adapted down projections (after a GELU: the MLP's last layer in StarCoder and
+    StarCoder2, read only by the residual sum) skip their output in the layer's recompute; marked `not_recomputed`
+    for flops_counter. Once per layer, however often fuse_lora runs."""
+    for layer in model.modules():
+        downs = [m for m in layer.modules() if getattr(m, "_gelu_input", None)]
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        if not (isinstance(layer, GradientCheckpointingLayer) and downs and checkpoint) or getattr(
+                layer, "_skips_unread", False):
+            continue
+        layer._gradient_checkpointing_func, layer._skips_unread = _skipping_unread(checkpoint, downs), True
+        for down in downs:
+            for linear in (down.base_layer, *down.lora_B.values()):
+                linear.not_recomputed = True
+
+
+def fuse_lora(model, recompute_gelu: bool = False, skip_unread: bool = False) -> int:
     """Give every peft LoRA linear layer of `model` (over a 16-bit, FP8 or bitsandbytes base, a 4-bit one multiplied
     in FP8 after fp8.multiply_4bit_in_fp8) the fused forward (a down projection adapted after a tanh GELU the GELU
     too, its output recomputed in the backward with `recompute_gelu`), and sibling layers over FP8 bases their shared
-    forward; returns how many layers were fused. Call it once the model is on its device (a sibling's weight is a
-    view of the shared one)."""
+    forward; returns how many layers were fused. With `skip_unread`, where the layers take the one-function path
+    (cli.TrainArguments.takes_fused_path), a checkpointed layer's recompute skips its down projection's output. Call
+    it once the model is on its device (a sibling's weight is a view of the shared one) and its checkpointing is
+    set."""
     from peft.tuners.lora.layer import LoraLayer
 
     fused = 0
@@ -238,6 +291,8 @@ def fuse_lora(model, recompute_gelu: bool = False) -> int:
                 for index, layer in enumerate(layers):
                     layer._siblings, layer._sibling_index = siblings, index
                     layer.forward = types.MethodType(_sibling_forward, layer)
+    if skip_unread:
+        _skip_unread(model)
     return fused
 
 

@@ -125,7 +125,7 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     if args.fp8_matmuls:
         fp8.multiply_4bit_in_fp8(model)
     if args.fuse_lora:
-        fusion.fuse_lora(model, recompute_gelu)
+        fusion.fuse_lora(model, recompute_gelu, skip_unread=args.takes_fused_path)
     if args.compile_layers:
         fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the

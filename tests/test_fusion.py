@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import on_triton_interpreter, spy
+import flops_counter
 from finetune import fp8, fusion, modeling
 from test_fp8 import needs_scaled_mm
 
@@ -145,6 +146,53 @@ def test_autocast_and_dropout_take_peft_s_path_with_the_same_result(monkeypatch)
         assert all(torch.allclose(fused[1][n], unfused[1][n], rtol=1e-4, atol=1e-6) for n in unfused[1])
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("base", ["bf16", "4bit", pytest.param("fp8", marks=needs_scaled_mm)])
+@pytest.mark.parametrize("name,targets", [("tiny-starcoder", "c_attn,c_proj"),
+                                          ("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj,c_fc,c_proj")])
+def test_a_checkpointed_layer_s_recompute_skips_its_down_projection_and_learns_the_same(monkeypatch, name, targets,
+                                                                                        base, reentrant):
+    """skip_unread: in each layer's recompute the MLP's down projection runs no GEMM, in training mode (the residual
+    dropout after it draws its mask again, from no values) under both kinds of checkpointing; the losses and
+    gradients are the same, and flops_counter's hardware FLOPs drop by that GEMM and LoRA's B, as FlopCounterMode's
+    do."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from test_flops_counter import enable_checkpointing
+
+    ids = torch.randint(20, 4000, (2, 24))
+    runs = []
+    for skip in (False, True):
+        model = lora_model(name, targets, torch.bfloat16, base_in_fp8=base == "fp8",
+                           quantization=modeling.quantization_config("4bit", torch.bfloat16) if base == "4bit" else None)
+        if reentrant:
+            enable_checkpointing(model)
+            model.enable_input_require_grads()
+        else:  # non-reentrant, by transformers' new name where it has one
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model.train()
+        fusion.fuse_lora(model, skip_unread=skip)
+        fusion.fuse_lora(model, skip_unread=skip)  # once per layer however often it runs
+        base_forwards = spy(monkeypatch, fusion, "_base_forward")
+        torch.manual_seed(1)
+        with FlopCounterMode(display=False) as counter:
+            loss, grads = loss_and_grads(model, ids)
+        hardware = flops_counter.flops_per_token(model, ids.shape[1], gradient_checkpointing=None).hardware
+        runs.append((loss, grads, len(base_forwards), counter.get_total_flops() / ids.numel(), hardware))
+    (loss, grads, calls, measured, hardware), (skip_loss, skip_grads, skip_calls, skip_measured, skip_hardware) = runs
+    layers = model.config.num_hidden_layers
+    assert skip_calls == calls - layers
+    assert skip_loss == loss and skip_grads.keys() == grads.keys()
+    # a GPU's attention backward sums in any order; an FP8 base's GELU is the fused kernel's in the first pass
+    tolerance = 0.02 if torch.cuda.is_available() or base == "fp8" else 0.0
+    assert max(relative_error(skip_grads[n], grads[n]) for n in grads) <= tolerance
+    down = model.get_base_model().model.layers[0].mlp.c_proj if name.endswith("2") else \
+        model.get_base_model().transformer.h[0].mlp.c_proj
+    skipped = 2 * down.base_layer.in_features * down.base_layer.out_features * layers
+    assert measured - skip_measured == pytest.approx(skipped, rel=1e-6)  # FlopCounterMode misses LoRA's in-place add
+    assert hardware - skip_hardware == pytest.approx(skipped + 2 * down.lora_B["default"].in_features
+                                                     * down.lora_B["default"].out_features * layers, rel=1e-6)
+
+
 @needs_scaled_mm
 @pytest.mark.parametrize("name,groups", [("tiny-starcoder2", 1), ("tiny-llama", 2)])
 def test_siblings_over_an_fp8_base_share_one_computation_with_the_same_result(name, groups):
@@ -237,6 +285,20 @@ def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypa
     training.train(trainer, args, run)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+def test_a_checkpointed_run_on_the_fused_path_skips_the_down_projections_in_the_recompute(tmp_path, monkeypatch):
+    """The pipeline turns skip_unread on where the layers take the one-function path: a training step runs each
+    block's three adapted layers (c_attn and both c_proj) forward and again in the recompute, less the MLP's c_proj."""
+    from conftest import tiny_args
+    from finetune import pipeline
+
+    model = pipeline.prepare(tiny_args(tmp_path, gradient_checkpointing=True)).model.train()
+    base_forwards = spy(monkeypatch, fusion, "_base_forward")
+    ids = torch.randint(20, 4000, (2, 24))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = model.config.num_hidden_layers
+    assert len(base_forwards) == 3 * layers * 2 - layers
 
 
 # LoRA's low-rank add as the GPU runs it (finetune/lora_kernels.py), on Triton's CPU interpreter: rows and columns
