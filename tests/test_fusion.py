@@ -10,9 +10,9 @@ from finetune import fp8, fusion, modeling
 from test_fp8 import needs_scaled_mm
 
 
-def lora_model(name: str, targets: str, dtype=torch.float32, base_in_fp8=False, quantization=None):
+def lora_model(name: str, targets: str, dtype=torch.float32, base_in_fp8=False, quantization=None, **load_kwargs):
     torch.manual_seed(0)
-    model = modeling.add_lora(modeling.load_model(name, quantization, dtype),
+    model = modeling.add_lora(modeling.load_model(name, quantization, dtype, **load_kwargs),
                               modeling.lora_config(r=4, alpha=8, dropout=0.0, targets=targets))
     for n, p in model.named_parameters():  # B starts at zero: give the adapter something to add
         if "lora_B" in n:
@@ -162,7 +162,8 @@ def test_a_checkpointed_layer_s_recompute_skips_its_down_projection_and_learns_t
     ids = torch.randint(20, 4000, (2, 24))
     runs = []
     for skip in (False, True):
-        model = lora_model(name, targets, torch.bfloat16, base_in_fp8=base == "fp8",
+        # eager attention: FlopCounterMode's SDPA rule fails on multi-query shapes on some torch versions
+        model = lora_model(name, targets, torch.bfloat16, base_in_fp8=base == "fp8", attn_implementation="eager",
                            quantization=modeling.quantization_config("4bit", torch.bfloat16) if base == "4bit" else None)
         if reentrant:
             enable_checkpointing(model)
@@ -175,18 +176,17 @@ def test_a_checkpointed_layer_s_recompute_skips_its_down_projection_and_learns_t
         base_forwards = spy(monkeypatch, fusion, "_base_forward")
         torch.manual_seed(1)
         with FlopCounterMode(display=False) as counter:
-            loss, grads = loss_and_grads(model, ids)
+            loss, grads = loss_and_grads(model, ids.to(model.device))
         hardware = flops_counter.flops_per_token(model, ids.shape[1], gradient_checkpointing=None).hardware
         runs.append((loss, grads, len(base_forwards), counter.get_total_flops() / ids.numel(), hardware))
     (loss, grads, calls, measured, hardware), (skip_loss, skip_grads, skip_calls, skip_measured, skip_hardware) = runs
     layers = model.config.num_hidden_layers
     assert skip_calls == calls - layers
     assert skip_loss == loss and skip_grads.keys() == grads.keys()
-    # a GPU's attention backward sums in any order; an FP8 base's GELU is the fused kernel's in the first pass
-    tolerance = 0.02 if torch.cuda.is_available() or base == "fp8" else 0.0
+    # a GPU's attention backward sums in any order, and its FP8 base's first pass takes the GELU from a Triton kernel
+    tolerance = 0.02 if torch.cuda.is_available() else 0.0
     assert max(relative_error(skip_grads[n], grads[n]) for n in grads) <= tolerance
-    down = model.get_base_model().model.layers[0].mlp.c_proj if name.endswith("2") else \
-        model.get_base_model().transformer.h[0].mlp.c_proj
+    down = next(module for module in model.modules() if getattr(module, "_gelu_input", None))  # an MLP's c_proj
     skipped = 2 * down.base_layer.in_features * down.base_layer.out_features * layers
     assert measured - skip_measured == pytest.approx(skipped, rel=1e-6)  # FlopCounterMode misses LoRA's in-place add
     assert hardware - skip_hardware == pytest.approx(skipped + 2 * down.lora_B["default"].in_features
@@ -295,7 +295,7 @@ def test_a_checkpointed_run_on_the_fused_path_skips_the_down_projections_in_the_
 
     model = pipeline.prepare(tiny_args(tmp_path, gradient_checkpointing=True)).model.train()
     base_forwards = spy(monkeypatch, fusion, "_base_forward")
-    ids = torch.randint(20, 4000, (2, 24))
+    ids = torch.randint(20, 4000, (2, 24), device=model.device)
     model(input_ids=ids, labels=ids).loss.backward()
     layers = model.config.num_hidden_layers
     assert len(base_forwards) == 3 * layers * 2 - layers
