@@ -17,9 +17,9 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
 - `fuse_lora(..., skip_unread=True)`: a checkpointed decoder layer's recompute runs its forward again only for the
   tensors its backward reads, and in StarCoder and StarCoder2 the MLP's down projection ends the layer: its output
   goes only into the residual sum, which saves nothing. So in the recompute that projection computes only what it
-  saves (LoRA's down-projection, the GELU's output where kept) and skips its GEMM: 40% of a StarCoder-15B layer's
-  weights, 13% of a checkpointed layer's GEMM work. `lean` within 11.5 GiB trained 13% faster with it (H100,
-  2026-12-07, docs/PERFORMANCE.md).
+  saves (adapted: LoRA's down-projection, the GELU's output where kept; frozen, as StarCoder2's default targets
+  leave it: its weight) and skips its GEMM: 40% of a StarCoder-15B layer's weights, 13% of a checkpointed layer's
+  GEMM work. `lean` within 11.5 GiB trained 13% faster with it (H100, 2026-12-07, docs/PERFORMANCE.md).
 - `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
   base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
   own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
@@ -131,20 +131,42 @@ class _LoraLinear(torch.autograd.Function):
         return grad_in, grad_a, grad_b, None, None, None, None, None, None
 
 
-def _frozen_base(layer, x):
-    """(weight, weight scale or None, bias) of a LoRA layer's base where _LoraLinear can compute it on `x`: an FP8,
-    16-bit or bitsandbytes 4-bit base in x's dtype (one multiplied in FP8 with the row scales fuse_lora found),
-    outside autocast (whose casts its backward would not repeat); None otherwise."""
-    base = layer.base_layer
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T + b, W frozen as a LoRA layer's base is in _LoraLinear: a frozen down projection as one function, so
+    that its layer's recompute can skip it (`unread`: the same tensors saved, no GEMM, `width` columns never
+    written)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias, unread: bool, width: int):
+        ctx.save_for_backward(weight, weight_scale)
+        rows = x.reshape(-1, x.shape[-1])
+        out = rows.new_empty(rows.shape[0], width) if unread else _base_forward(rows, weight, weight_scale, bias,
+                                                                                 False)[1]
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, weight_scale = ctx.saved_tensors
+        grad_in = _base_input_grad(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
+        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None, None, None
+
+
+def _is_frozen_base(base) -> bool:
+    return isinstance(base, fp8.Float8Linear) or type(base).__name__ in ("Linear", "Linear4bit")
+
+
+def _frozen_base(base, x):
+    """(weight, weight scale or None, bias) of a frozen linear layer (a LoRA layer's base) where _LoraLinear can
+    compute it on `x`: an FP8, 16-bit or bitsandbytes 4-bit layer in x's dtype (one multiplied in FP8 with the row
+    scales fuse_lora found), outside autocast (whose casts its backward would not repeat); None otherwise."""
     if torch.is_autocast_enabled(x.device.type):
         return None
     if isinstance(base, fp8.Float8Linear):
         return base.weight, base.weight_scale, base.bias
     weight = base.weight
     dtype = weight.quant_state.dtype if hasattr(weight, "quant_state") else weight.dtype
-    kind = type(base).__name__
     scale = getattr(base, "fp8_row_scales", None)  # a 4-bit base multiplied in FP8 (fp8.multiply_4bit_in_fp8)
-    return (weight, scale, base.bias) if kind in ("Linear", "Linear4bit") and dtype == x.dtype else None
+    return (weight, scale, base.bias) if _is_frozen_base(base) and dtype == x.dtype else None
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
@@ -152,7 +174,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     addmm; any case but the plain one is peft's own. A down projection whose GELU moved here applies it first."""
     gelu = getattr(self, "_gelu_input", None)
     name = _plain_adapter(self, x, args, kwargs)
-    base = _frozen_base(self, x) if name is not None else None
+    base = _frozen_base(self.base_layer, x) if name is not None else None
     if base is not None and isinstance(self.lora_dropout[name], torch.nn.Identity):
         up = self.lora_B[name].weight * self.scaling[name]
         return _LoraLinear.apply(x, self.lora_A[name].weight, up, *base, gelu is not None, gelu == "recompute",
@@ -246,20 +268,43 @@ def _skipping_unread(checkpoint, downs: list):
     return checkpoint_skipping_unread
 
 
+def _frozen_down_forward(self, x):
+    """A frozen down projection's forward as _FrozenLinear where it can compute it; its own otherwise."""
+    base = _frozen_base(self, x)
+    if base is None:
+        return self._own_forward(x)
+    return _FrozenLinear.apply(x, *base, self._in_recompute, self.out_features)
+
+
+def _down_projection_skipping(module) -> list:
+    """Where `module` is an MLP whose down projection follows a tanh GELU (StarCoder's, StarCoder2's), the linear
+    layers its layer's recompute skips: an adapted one's base and B (the fused path, the GELU moved into it), or a
+    frozen one's self (16-bit, FP8 or 4-bit: StarCoder2's default targets leave it), whose forward becomes
+    _FrozenLinear here. None otherwise."""
+    activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
+    if getattr(down, "_gelu_input", None):
+        return [down.base_layer, *down.lora_B.values()]
+    if is_tanh_gelu(activation) and _is_frozen_base(down) and isinstance(down, torch.nn.Linear):
+        down._own_forward, down._in_recompute = down.forward, False
+        down.forward = types.MethodType(_frozen_down_forward, down)
+        return [down]
+    return []
+
+
 def _skip_unread(model) -> None:
-    """Each checkpointed decoder layer's adapted down projections (after a GELU: the MLP's last layer in StarCoder and
-    StarCoder2, read only by the residual sum) skip their output in the layer's recompute; marked `not_recomputed`
-    for flops_counter. Once per layer, however often fuse_lora runs."""
+    """Each checkpointed decoder layer's MLP down projections after a GELU (the layer's last, read only by the
+    residual sum in StarCoder and StarCoder2) skip their output in the layer's recompute; their linear layers marked
+    `not_recomputed` for flops_counter. Once per layer, however often fuse_lora runs."""
     for layer in model.modules():
-        downs = [m for m in layer.modules() if getattr(m, "_gelu_input", None)]
         checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-        if not (isinstance(layer, GradientCheckpointingLayer) and downs and checkpoint) or getattr(
-                layer, "_skips_unread", False):
+        if getattr(layer, "_skips_unread", False) or not (isinstance(layer, GradientCheckpointingLayer) and checkpoint):
             continue
-        layer._gradient_checkpointing_func, layer._skips_unread = _skipping_unread(checkpoint, downs), True
-        for down in downs:
-            for linear in (down.base_layer, *down.lora_B.values()):
-                linear.not_recomputed = True
+        skipped = {module: _down_projection_skipping(module) for module in layer.modules()}
+        downs = [getattr(module, ACTIVATION_THEN_DOWN[1]) for module, linears in skipped.items() if linears]
+        if downs:
+            layer._gradient_checkpointing_func, layer._skips_unread = _skipping_unread(checkpoint, downs), True
+        for linear in (linear for linears in skipped.values() for linear in linears):
+            linear.not_recomputed = True
 
 
 def fuse_lora(model, recompute_gelu: bool = False, skip_unread: bool = False) -> int:
