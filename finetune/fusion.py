@@ -19,7 +19,8 @@ unfused path on the CPU); measured in docs/PERFORMANCE.md.
   goes only into the residual sum, which saves nothing. So in the recompute that projection computes only what it
   saves (adapted: LoRA's down-projection, the GELU's output where kept; frozen, as StarCoder2's default targets
   leave it: its weight) and skips its GEMM: 40% of a StarCoder-15B layer's weights, 13% of a checkpointed layer's
-  GEMM work. `lean` within 11.5 GiB trained 13% faster with it (H100, 2026-12-07, docs/PERFORMANCE.md).
+  GEMM work. `lean` within 11.5 GiB trained 13% faster with it, StarCoder2-15B's with every layer checkpointed 9%
+  (H100, 2026-12-07, docs/PERFORMANCE.md).
 - `fuse_lora` also gives projections that read the same input (q, k and v; gate and up) one computation where the
   base is FP8: one GEMM over their stacked rows (per-row scales make the stacked weight exactly theirs; each layer's
   own weight becomes a view of it, so nothing is stored twice), one quantization of the input instead of three,
