@@ -247,8 +247,8 @@ def recomputes_gelu(model) -> bool:
 
 def _skipping_unread(checkpoint, downs: list):
     """A decoder layer's checkpoint function (transformers' `_gradient_checkpointing_func`) under which the layer's
-    recompute, each call of its function after the first, has `downs` (its adapted down projections) skip their
-    output. Calls, not autograd's state, tell the two apart: reentrant checkpointing recomputes with gradients on
+    recompute, each call of its function after the first, has `downs` (its MLP's down projections, adapted or
+    frozen) skip their output. Calls, not autograd's state, tell the two apart: reentrant checkpointing recomputes with gradients on
     too."""
     def checkpoint_skipping_unread(function, *args, **kwargs):
         calls = 0
