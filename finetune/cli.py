@@ -206,9 +206,9 @@ class TrainArguments:
                 "(q/k/v, gate/up) over an FP8 base as one, and the MLP's GELU in the pass that quantizes its output "
                 "(finetune/fusion.py): the same sums in fewer passes; where a run would not fit otherwise, the GELU's "
                 "output is recomputed in the backward instead of kept (15 GiB less for StarCoder-15B at 4 x 2048; "
-                "docs/PERFORMANCE.md). With --gradient_checkpointing the recompute skips the MLP's down projection, "
-                "whose output the backward never reads (13%% faster for --recipe lean within 11.5 GiB; H100, "
-                "2026-12-07, docs/PERFORMANCE.md)."})
+                "docs/PERFORMANCE.md). With --gradient_checkpointing (layers not compiled) the recompute skips the "
+                "MLP's down projection, whose output the backward never reads (13%% faster for --recipe lean within "
+                "11.5 GiB; H100, 2026-12-07, docs/PERFORMANCE.md)."})
     fp8_matmuls: bool = field(default=False, metadata={
         "help": "With --quantization 4bit: multiply the NF4 base on FP8 tensor cores (compute capability 8.9+), each "
                 "weight unpacked to e4m3 with a scale per row as it is used (one kernel), where --quantization fp8 "

@@ -125,7 +125,8 @@ def model_for_training(args: TrainArguments, quantization: BitsAndBytesConfig | 
     if args.fp8_matmuls:
         fp8.multiply_4bit_in_fp8(model)
     if args.fuse_lora:
-        fusion.fuse_lora(model, recompute_gelu, skip_unread=args.takes_fused_path)
+        # not in compiled layers: dynamo traces the checkpoint whole, recompute included, and the skip would break it
+        fusion.fuse_lora(model, recompute_gelu, skip_unread=args.takes_fused_path and not args.compile_layers)
     if args.compile_layers:
         fusion.compile_layers(model)
     # Not under FSDP: the head's weights are gathered by FSDP's forward hooks, which a head called from inside the

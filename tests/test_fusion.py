@@ -299,18 +299,24 @@ def test_a_run_short_of_memory_recomputes_the_gelu_and_trains(tmp_path, monkeypa
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
 
 
-def test_a_checkpointed_run_on_the_fused_path_skips_the_down_projections_in_the_recompute(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_checkpointed_run_on_the_fused_path_skips_the_down_projections_in_the_recompute(tmp_path, monkeypatch,
+                                                                                          compiled):
     """The pipeline turns skip_unread on where the layers take the one-function path: a training step runs each
-    block's three adapted layers (c_attn and both c_proj) forward and again in the recompute, less the MLP's c_proj."""
+    block's three adapted layers (c_attn and both c_proj) forward and again in the recompute, less the MLP's c_proj.
+    Not with --compile_layers: dynamo traces the checkpoint, recompute and all."""
     from conftest import tiny_args
     from finetune import pipeline
 
-    model = pipeline.prepare(tiny_args(tmp_path, gradient_checkpointing=True)).model.train()
+    model = pipeline.prepare(tiny_args(tmp_path, gradient_checkpointing=True, compile_layers=compiled)).model.train()
+    layers = modeling.decoder_layers(model)
+    assert [getattr(layer, "_skips_unread", False) for layer in layers] == [not compiled] * len(layers)
+    if compiled:  # on a GPU the layers compile, and the spy below would count the traces
+        return
     base_forwards = spy(monkeypatch, fusion, "_base_forward")
     ids = torch.randint(20, 4000, (2, 24), device=model.device)
     model(input_ids=ids, labels=ids).loss.backward()
-    layers = model.config.num_hidden_layers
-    assert len(base_forwards) == 3 * layers * 2 - layers
+    assert len(base_forwards) == 3 * len(layers) * 2 - len(layers)
 
 
 # LoRA's low-rank add as the GPU runs it (finetune/lora_kernels.py), on Triton's CPU interpreter: rows and columns
