@@ -86,20 +86,43 @@ def input_grad_rows(grad_rows, weight, weight_scale):
                             use_fast_accum=True)
 
 
-class _FrozenFloat8Matmul(torch.autograd.Function):
-    """y = x W^T + b with W frozen in FP8, or in 4 bits and made FP8 as it multiplies (as_e4m3). The backward is the
-    input gradient only, and the forward saves no activation for it."""
+def frozen_rows(rows, weight, weight_scale, bias=None):
+    """rows W^T + b, W frozen: in FP8 with its row scales (forward_rows), else 16-bit or 4-bit, unpacked to 16 bits."""
+    if weight_scale is not None:
+        return forward_rows(rows, weight, weight_scale, bias)
+    return torch.nn.functional.linear(rows, dequantized(weight), None if bias is None else bias.to(rows.dtype))
+
+
+def frozen_input_grad_rows(grad_rows, weight, weight_scale):
+    """The input gradient of frozen_rows."""
+    if weight_scale is not None:
+        return input_grad_rows(grad_rows, weight, weight_scale)
+    return grad_rows @ dequantized(weight)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """y = x W^T + b with W frozen (frozen_rows). The backward is the input gradient only, and the forward saves no
+    activation for it. `unread`: a recompute that reads only what this saves (finetune/fusion.py's skip_unread), so
+    the same weight saved, no GEMM, an output never written."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias):
+    def forward(ctx, x, weight, weight_scale, bias, unread: bool):
         ctx.save_for_backward(weight, weight_scale)
-        return forward_rows(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias).view(*x.shape[:-1], -1)
+        if unread:
+            out_features = (weight.quant_state.shape if hasattr(weight, "quant_state") else weight.shape)[0]
+            return x.new_empty(*x.shape[:-1], out_features)
+        return frozen_rows(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        grad_in = input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
-        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None
+        grad_in = frozen_input_grad_rows(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
+        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None, None
+
+
+def frozen_matmul(x, weight, weight_scale, bias, unread: bool = False):
+    """x W^T + b, W frozen, as one autograd function (_FrozenMatmul)."""
+    return _FrozenMatmul.apply(x, weight, weight_scale, bias, unread)
 
 
 class Float8Linear(torch.nn.Linear):
@@ -116,7 +139,7 @@ class Float8Linear(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return _FrozenFloat8Matmul.apply(x, self.weight, self.weight_scale, self.bias)
+        return frozen_matmul(x, self.weight, self.weight_scale, self.bias)
 
 
 def dequantized(weight) -> torch.Tensor:
@@ -173,7 +196,7 @@ def as_e4m3(weight, row_scales: torch.Tensor, transpose: bool = False) -> torch.
 
 
 def _forward_4bit_in_fp8(self, x):
-    return _FrozenFloat8Matmul.apply(x, self.weight, self.fp8_row_scales, self.bias)
+    return frozen_matmul(x, self.weight, self.fp8_row_scales, self.bias)
 
 
 def multiply_4bit_in_fp8(model) -> int:

@@ -70,16 +70,9 @@ def _base_forward(rows, weight, weight_scale, bias, gelu: bool):
     multiplied in FP8) computes the GELU in the pass that quantizes its output (fp8.quantize_rows)."""
     if weight_scale is None:
         inputs = _gelu(rows) if gelu else rows
-        return inputs, torch.nn.functional.linear(inputs, fp8.dequantized(weight),
-                                                  None if bias is None else bias.to(rows.dtype))
+        return inputs, fp8.frozen_rows(inputs, weight, None, bias)
     gelu_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if gelu else None
     return rows if gelu_out is None else gelu_out, fp8.forward_rows(rows, weight, weight_scale, bias, gelu_out)
-
-
-def _base_input_grad(grad_rows, weight, weight_scale):
-    if weight_scale is not None:
-        return fp8.input_grad_rows(grad_rows, weight, weight_scale)
-    return grad_rows @ fp8.dequantized(weight)
 
 
 def _add_low_rank_(out, down, up):
@@ -125,31 +118,11 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = grad.t() @ down
         grad_in = None
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings')
-            grad_in = _add_low_rank_(_base_input_grad(grad, weight, weight_scale), grad_down, lora_a)
+            grad_in = _add_low_rank_(fp8.frozen_input_grad_rows(grad, weight, weight_scale), grad_down, lora_a)
             if ctx.gelu:
                 grad_in = torch.ops.aten.gelu_backward(grad_in, rows, approximate="tanh")
             grad_in = grad_in.view(*grad_out.shape[:-1], -1)
         return grad_in, grad_a, grad_b, None, None, None, None, None, None
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """x W^T + b, W frozen as a LoRA layer's base is in _LoraLinear: a frozen down projection as one function, so
-    that its layer's recompute can skip it (`unread`: the same tensors saved, no GEMM, `width` columns never
-    written)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, unread: bool, width: int):
-        ctx.save_for_backward(weight, weight_scale)
-        rows = x.reshape(-1, x.shape[-1])
-        out = rows.new_empty(rows.shape[0], width) if unread else _base_forward(rows, weight, weight_scale, bias,
-                                                                                 False)[1]
-        return out.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, weight_scale = ctx.saved_tensors
-        grad_in = _base_input_grad(grad_out.reshape(-1, grad_out.shape[-1]), weight, weight_scale)
-        return grad_in.view(*grad_out.shape[:-1], -1), None, None, None, None, None
 
 
 def _is_frozen_base(base) -> bool:
@@ -157,9 +130,10 @@ def _is_frozen_base(base) -> bool:
 
 
 def _frozen_base(base, x):
-    """(weight, weight scale or None, bias) of a frozen linear layer (a LoRA layer's base) where _LoraLinear can
-    compute it on `x`: an FP8, 16-bit or bitsandbytes 4-bit layer in x's dtype (one multiplied in FP8 with the row
-    scales fuse_lora found), outside autocast (whose casts its backward would not repeat); None otherwise."""
+    """(weight, weight scale or None, bias) of a frozen linear layer (a LoRA layer's base) where _LoraLinear and
+    fp8.frozen_matmul can compute it on `x`: an FP8, 16-bit or bitsandbytes 4-bit layer in x's dtype (one multiplied
+    in FP8 with the row scales fuse_lora found), outside autocast (whose casts its backward would not repeat); None
+    otherwise."""
     if torch.is_autocast_enabled(x.device.type):
         return None
     if isinstance(base, fp8.Float8Linear):
@@ -248,8 +222,8 @@ def recomputes_gelu(model) -> bool:
 def _skipping_unread(checkpoint, downs: list):
     """A decoder layer's checkpoint function (transformers' `_gradient_checkpointing_func`) under which the layer's
     recompute, each call of its function after the first, has `downs` (its MLP's down projections, adapted or
-    frozen) skip their output. Calls, not autograd's state, tell the two apart: reentrant checkpointing recomputes with gradients on
-    too."""
+    frozen) skip their output. Calls, not autograd's state, tell the two apart: reentrant checkpointing recomputes
+    with gradients on too."""
     def checkpoint_skipping_unread(function, *args, **kwargs):
         calls = 0
 
@@ -270,18 +244,18 @@ def _skipping_unread(checkpoint, downs: list):
 
 
 def _frozen_down_forward(self, x):
-    """A frozen down projection's forward as _FrozenLinear where it can compute it; its own otherwise."""
+    """A frozen down projection's forward as fp8.frozen_matmul where it can compute it; its own otherwise."""
     base = _frozen_base(self, x)
     if base is None:
         return self._own_forward(x)
-    return _FrozenLinear.apply(x, *base, self._in_recompute, self.out_features)
+    return fp8.frozen_matmul(x, *base, self._in_recompute)
 
 
 def _down_projection_skipping(module) -> list:
     """Where `module` is an MLP whose down projection follows a tanh GELU (StarCoder's, StarCoder2's), the linear
     layers its layer's recompute skips: an adapted one's base and B (the fused path, the GELU moved into it), or a
     frozen one's self (16-bit, FP8 or 4-bit: StarCoder2's default targets leave it), whose forward becomes
-    _FrozenLinear here. None otherwise."""
+    fp8.frozen_matmul here. None otherwise."""
     activation, down = (getattr(module, name, None) for name in ACTIVATION_THEN_DOWN)
     if getattr(down, "_gelu_input", None):
         return [down.base_layer, *down.lora_B.values()]

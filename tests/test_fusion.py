@@ -198,7 +198,7 @@ def test_a_checkpointed_layer_s_recompute_skips_its_down_projection_and_learns_t
     base_layer, lora_b = (down.base_layer, down.lora_B["default"]) if hasattr(down, "lora_B") else (down, None)
     skipped = 2 * base_layer.in_features * base_layer.out_features * layers
     # FlopCounterMode misses LoRA's in-place add, and bitsandbytes' gemm_4bit op, in which its own frozen 4-bit layer
-    # multiplies: without the skip only that layer's backward is counted, with it (_FrozenLinear) its forward too
+    # multiplies: without the skip only that layer's backward is counted, with it (fp8.frozen_matmul) its forward too
     hidden = skipped if base == "4bit" and lora_b is None else 0
     assert measured - skip_measured == pytest.approx(skipped - 2 * hidden, rel=1e-6)
     lora_skipped = 2 * lora_b.in_features * lora_b.out_features * layers if lora_b is not None else 0
