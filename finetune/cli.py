@@ -330,8 +330,11 @@ class TrainArguments:
                 "--offloaded_layers is not built for compiled layers: give it or --compile_layers, not both")
         require(self.gradient_checkpointing or not self.offload_layer_inputs,
                 "--offload_layer_inputs offloads the inputs of the layers --gradient_checkpointing checkpoints: add it")
+        by_recipe = (f" (--recipe {self.recipe} sets it)" if RECIPES.get(self.recipe, {}).get("offload_layer_inputs")
+                     else "")
         require(not (self.offload_layer_inputs and self.compile_layers),
-                "--offload_layer_inputs is not built for compiled layers: give it or --compile_layers, not both")
+                f"--offload_layer_inputs{by_recipe} is not built for compiled layers: leave out --compile_layers, or "
+                f"add --offload_layer_inputs false")
         fp8_option = "--quantization fp8" if self.quantization == "fp8" else "--fp8_matmuls" if self.fp8_matmuls else ""
         if fp8_option and self.dtype not in ("auto", "bfloat16"):
             raise UsageError(f"{fp8_option} computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} cannot be "

@@ -130,6 +130,9 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
                                            "--gradient_checkpointing checkpoints: add it"),
     (lambda d: ["--gradient_checkpointing", "--offload_layer_inputs", "--compile_layers"],
      "--offload_layer_inputs is not built for compiled layers"),
+    (lambda d: ["--recipe", "lean", "--compile_layers"], "--offload_layer_inputs (--recipe lean sets it) is not built "
+                                                         "for compiled layers: leave out --compile_layers, or add "
+                                                         "--offload_layer_inputs false"),
     (lambda d: ["--push_to_hub", "--hub_model_id", "not an id!"], "is not a Hub repository id"),
     (lambda d: ["--model", str(d / "no-weights")], "holds a config.json but no weights"),
     (lambda d: ["--model", str(d / "other-shape")], "the config and the weights are of different models"),
