@@ -182,8 +182,9 @@ def _write_tiny_model(name: str, directory: Path) -> None:
     window = {"sliding_window": recipe["sliding_window"]} if "sliding_window" in recipe else {}
     model_config = config(recipe["model_type"], "tiny", vocab_size=len(tokenizer), **window, **ids)
     model_config.max_position_embeddings = 1024  # GPTBigCode's n_positions by its attribute map
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config)
+    with torch.random.fork_rng(devices=[]):  # the same weights every build, and the caller's random state untouched
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(model_config)
     stops = [tokenizer.eos_token_id, tokenizer.pad_token_id] if "pad_token" in roles else tokenizer.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops)
     model.save_pretrained(directory)

@@ -98,6 +98,19 @@ def test_embedded_model_has_starcoders_architecture():
     assert all(row["completion"].startswith(("def ", "async def ", "@")) for row in rows)
 
 
+def test_building_a_tiny_model_leaves_the_caller_s_random_state_alone(tmp_path, monkeypatch):
+    """A first run builds its tiny model, a rerun finds it built: both must draw the same LoRA weights after a seed.
+    And every build has the same weights."""
+    built_before = embedded.tiny_model_path("tiny-starcoder")
+    monkeypatch.setenv("STARCODER_LORA_CACHE", str(tmp_path))
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    built_now = embedded.tiny_model_path("tiny-starcoder")
+    assert built_now.is_relative_to(tmp_path) and torch.equal(torch.get_rng_state(), state)
+    assert load_file(built_now / "model.safetensors")["transformer.wte.weight"].equal(
+        load_file(built_before / "model.safetensors")["transformer.wte.weight"])
+
+
 @pytest.mark.parametrize("script", ["base_example", "base_with_tflops", "karpathy_speedups_example", "generate"])
 def test_help_works(script, capsys):
     import generate

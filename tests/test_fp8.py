@@ -22,6 +22,10 @@ def _cpu_scaled_mm_works() -> bool:
 
 
 needs_scaled_mm = pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch has no FP8 matmul on the CPU")
+# for a test whose model lives on the machine's device: a GPU with FP8 tensor cores, else the CPU
+needs_fp8_on_device = pytest.mark.skipif(
+    not (fp8.unsupported_reason() is None if torch.cuda.is_available() else _cpu_scaled_mm_works()),
+    reason="no FP8 matmul on this machine's device")
 
 
 @pytest.mark.skipif(fp8.unsupported_reason() is None, reason="this machine has FP8 tensor cores")

@@ -7,7 +7,7 @@ import torch
 from conftest import on_triton_interpreter, spy
 import flops_counter
 from finetune import fp8, fusion, modeling
-from test_fp8 import needs_scaled_mm
+from test_fp8 import needs_fp8_on_device, needs_scaled_mm
 
 
 def lora_model(name: str, targets: str, dtype=torch.float32, base_in_fp8=False, quantization=None, **load_kwargs):
@@ -152,7 +152,7 @@ _FROZEN_MLP = ("tiny-starcoder2", "q_proj,k_proj,v_proj,o_proj")  # StarCoder2's
 
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("name,targets,base", [
-    pytest.param(*model, base, marks=[needs_scaled_mm] if "fp8" in base else [])
+    pytest.param(*model, base, marks=[needs_fp8_on_device] if "fp8" in base else [])
     for model, bases in [*[(model, ("bf16", "4bit", "fp8")) for model in _ADAPTED_MLP],
                          (_FROZEN_MLP, ("bf16", "4bit", "fp8", "4bit_in_fp8"))]
     for base in bases])
