@@ -55,6 +55,19 @@ def check_repo_id(repo_id: str) -> None:
                          f"digits, '-', '_' and '.'")
 
 
+def _listed(phrases) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    phrases = list(phrases)
+    return " and ".join(filter(None, [", ".join(phrases[:-1]), phrases[-1]]))
+
+
+def _flag(name: str, value) -> str:
+    """A setting as it is typed: a true boolean as the bare flag."""
+    if value is True:
+        return f"--{name}"
+    return f"--{name} {str(value).lower() if isinstance(value, bool) else value}"
+
+
 def check_given(**values: str) -> None:
     for name, value in values.items():
         if not value.strip():
@@ -318,43 +331,78 @@ class TrainArguments:
         layers = self.checkpointed_layers = self.checkpointed_layers.strip()
         require(layers in ("all", "fit") or re.fullmatch("[0-9]{1,6}", layers) is not None,
                 f"--checkpointed_layers must be all, fit or a number of layers, got {layers!r}")
-        require(self.gradient_checkpointing or layers == "all",
-                f"--checkpointed_layers {layers} chooses among the layers --gradient_checkpointing checkpoints: add "
-                f"it (with --gradient_checkpointing false, --recipe lean and fp8_lean need --checkpointed_layers all)")
         require(0 <= self.offloaded_layers <= MAX_COUNT, f"--offloaded_layers must be a number of layers, 0 or more, "
                                                          f"got {self.offloaded_layers}")
-        require(self.gradient_checkpointing or not self.offloaded_layers,
-                f"--offloaded_layers {self.offloaded_layers} chooses among the layers --gradient_checkpointing "
-                f"checkpoints: add it")
-        require(not (self.offloaded_layers and self.compile_layers),
-                "--offloaded_layers is not built for compiled layers: give it or --compile_layers, not both")
-        require(self.gradient_checkpointing or not self.offload_layer_inputs,
-                "--offload_layer_inputs offloads the inputs of the layers --gradient_checkpointing checkpoints: add it")
-        by_recipe = (f" (--recipe {self.recipe} sets it)" if RECIPES.get(self.recipe, {}).get("offload_layer_inputs")
-                     else "")
-        require(not (self.offload_layer_inputs and self.compile_layers),
-                f"--offload_layer_inputs{by_recipe} is not built for compiled layers: leave out --compile_layers, or "
-                f"add --offload_layer_inputs false")
-        fp8_option = "--quantization fp8" if self.quantization == "fp8" else "--fp8_matmuls" if self.fp8_matmuls else ""
-        if fp8_option and self.dtype not in ("auto", "bfloat16"):
-            raise UsageError(f"{fp8_option} computes in bf16 (FP8 matmuls write bf16); --dtype {self.dtype} cannot be "
-                             f"used with it")
+        # The settings that act on the layers --gradient_checkpointing checkpoints, with the values that turn them off
+        on_checkpointed = {name: off for name, off in (("checkpointed_layers", "all"), ("offloaded_layers", 0),
+                                                       ("offload_layer_inputs", False)) if getattr(self, name) != off}
+        if on_checkpointed and not self.gradient_checkpointing:
+            verb = "act" if len(on_checkpointed) > 1 else "acts"
+            raise UsageError(f"{self.named(*on_checkpointed)} {verb} on the layers --gradient_checkpointing "
+                             f"checkpoints, and it is off: {self.ways_to(gradient_checkpointing=True)}, or "
+                             f"{self.ways_to(**on_checkpointed)}")
+        for name in [name for name in ("offloaded_layers", "offload_layer_inputs") if name in on_checkpointed]:
+            require(not self.compile_layers, f"{self.named(name)} is not built for compiled layers: "
+                                             f"{self.ways_to(compile_layers=False)}, or "
+                                             f"{self.ways_to(**{name: on_checkpointed[name]})}")
+        fp8_setting = "quantization" if self.quantization == "fp8" else "fp8_matmuls" if self.fp8_matmuls else None
+        if fp8_setting and self.dtype not in ("auto", "bfloat16"):
+            raise UsageError(f"{self.named(fp8_setting)} computes in bf16 (FP8 matmuls write bf16), not "
+                             f"{self.named('dtype')}: {self.ways_to(dtype='auto')}")
         if self.fp8_matmuls:
-            require(self.quantization == "4bit", f"--fp8_matmuls multiplies a 4-bit base in FP8; with --quantization "
-                                                 f"{self.quantization} leave it out (fp8 stores the base in FP8)")
-            require(self.takes_fused_path, "--fp8_matmuls runs on the fused LoRA path: it needs --fuse_lora, "
-                                       "--lora_dropout 0 and none of --mixed_precision, --fp32_adapter, --fp32_upcast")
+            require(self.quantization == "4bit",
+                    f"{self.named('fp8_matmuls')} multiplies a 4-bit base in FP8, and {self.named('quantization')} is "
+                    f"not 4-bit: {self.ways_to(quantization='4bit')}, or {self.ways_to(fp8_matmuls=False)} "
+                    f"(--quantization fp8 multiplies in FP8 without it)")
+            off_path = self.off_fused_path
+            if off_path:
+                raise UsageError(f"{self.named('fp8_matmuls')} runs on the fused LoRA path, and "
+                                 f"{self.named(*off_path)} {'take' if len(off_path) > 1 else 'takes'} the layers off "
+                                 f"it: {self.ways_to(**off_path)}, or {self.ways_to(fp8_matmuls=False)}")
         self.model = local_path(self.model)
         self.dataset = local_path(self.dataset)
         self.eval_dataset = local_path(self.eval_dataset) if self.eval_dataset.strip() else ""
+
+    # The settings that keep adapted layers off finetune/fusion.py's one-function path, and the values that do not
+    _FUSED_PATH = dict(fuse_lora=True, lora_dropout=0, mixed_precision=False, fp32_adapter=False, fp32_upcast=False)
+
+    @property
+    def off_fused_path(self) -> dict:
+        """The settings of `_FUSED_PATH` that keep the adapted layers off it, each with the value that would not."""
+        return {name: value for name, value in self._FUSED_PATH.items() if getattr(self, name) != value}
 
     @property
     def takes_fused_path(self) -> bool:
         """Whether the adapted layers take finetune/fusion.py's one-function path (_LoraLinear), where a down projection
         after a tanh GELU can recompute the GELU's output and a 4-bit base can multiply in FP8: what its layers check
         as they run, asked of the settings before the model loads."""
-        return (self.fuse_lora and self.lora_dropout == 0 and self.quantization != "8bit"
-                and not (self.mixed_precision or self.fp32_adapter or self.fp32_upcast))
+        return self.quantization != "8bit" and not self.off_fused_path
+
+    def named(self, *names: str) -> str:
+        """Settings as a refusal names them, with the recipe that set those whose value is the recipe's: a user who
+        typed `--recipe lean --compile_layers` never typed --offload_layer_inputs."""
+        recipe = RECIPES.get(self.recipe, {})
+        by_recipe = [name for name in names if name in recipe and recipe[name] == getattr(self, name)]
+        typed = [_flag(name, getattr(self, name)) for name in names if name not in by_recipe]
+        set_by = [f"{_listed(_flag(name, getattr(self, name)) for name in by_recipe)} (--recipe {self.recipe} sets "
+                  f"{'them' if len(by_recipe) > 1 else 'it'})"] if by_recipe else []
+        return " and ".join(([_listed(typed)] if typed else []) + set_by)
+
+    def ways_to(self, **values) -> str:
+        """How the user gives settings these values: leave out what they typed where the recipe or default then gives
+        the value, else add the flag (or replace the typed one: given twice, it would be refused)."""
+        leave, add, replace = [], [], []
+        for name, value in values.items():
+            now = getattr(self, name)
+            untyped = RECIPES.get(self.recipe, {}).get(name, self.__dataclass_fields__[name].default)
+            if now == untyped:
+                add.append(_flag(name, value))
+            elif untyped == value:
+                leave.append(_flag(name, now))
+            else:
+                replace.append(f"replace {_flag(name, now)} with {_flag(name, value)}")
+        return _listed(([f"leave out {_listed(leave)}"] if leave else []) + ([f"add {' '.join(add)}"] if add else [])
+                       + replace)
 
     @property
     def warmup(self) -> int | float:

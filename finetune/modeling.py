@@ -106,10 +106,11 @@ def autocast_dtype(dtype: torch.dtype, mixed_precision: bool) -> torch.dtype | N
     return dtype if dtype == torch.float16 or (dtype == torch.bfloat16 and mixed_precision) else None
 
 
-def check_quantization(kind: str, fp8_matmuls: bool = False) -> None:
-    """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads."""
-    option, instead = ("--quantization fp8", "--quantization 4bit or none") if kind == "fp8" else (
-        "--fp8_matmuls", "--recipe lean, or leave --fp8_matmuls out")
+def check_quantization(kind: str, fp8_matmuls: bool = False, named: str = "") -> None:
+    """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads. `named`:
+    the FP8 setting as the refusal names it (cli.TrainArguments.named: which recipe set it)."""
+    option = named or ("--quantization fp8" if kind == "fp8" else "--fp8_matmuls")
+    instead = "--quantization 4bit or none" if kind == "fp8" else "--recipe lean, or leave --fp8_matmuls out"
     wants_fp8 = kind == "fp8" or fp8_matmuls
     if wants_fp8 and fp8.unsupported_reason():
         raise UsageError(f"{option} needs FP8 tensor cores: {fp8.unsupported_reason()}; use {instead}")

@@ -116,18 +116,24 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
     (lambda d: ["--fim_rate", "1.5"], "--fim_rate must be a share, 0 to 1"),
     (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "half"],
      "--checkpointed_layers must be all, fit or a number of layers, got 'half'"),
-    (lambda d: ["--checkpointed_layers", "2"], "--checkpointed_layers 2 chooses among the layers "
-                                               "--gradient_checkpointing checkpoints"),
+    (lambda d: ["--checkpointed_layers", "2"], "--checkpointed_layers 2 acts on the layers --gradient_checkpointing "
+                                               "checkpoints, and it is off: add --gradient_checkpointing, or leave "
+                                               "out --checkpointed_layers 2"),
     (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "9"],
      "--checkpointed_layers 9 is more than the model's 4 decoder layers"),
-    (lambda d: ["--offloaded_layers", "2"], "--offloaded_layers 2 chooses among the layers "
-                                            "--gradient_checkpointing checkpoints"),
+    (lambda d: ["--offloaded_layers", "2"], "--offloaded_layers 2 acts on the layers --gradient_checkpointing "
+                                            "checkpoints"),
     (lambda d: ["--gradient_checkpointing", "--offloaded_layers", "-1"],
      "--offloaded_layers must be a number of layers, 0 or more, got -1"),
     (lambda d: ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
-     "--offloaded_layers is not built for compiled layers"),
-    (lambda d: ["--offload_layer_inputs"], "--offload_layer_inputs offloads the inputs of the layers "
-                                           "--gradient_checkpointing checkpoints: add it"),
+     "--offloaded_layers 2 is not built for compiled layers: leave out --compile_layers, or leave out "
+     "--offloaded_layers 2"),
+    (lambda d: ["--offload_layer_inputs"], "--offload_layer_inputs acts on the layers --gradient_checkpointing "
+                                           "checkpoints"),
+    (lambda d: ["--recipe", "lean", "--gradient_checkpointing", "false"],
+     "--checkpointed_layers fit and --offload_layer_inputs (--recipe lean sets them) act on the layers "
+     "--gradient_checkpointing checkpoints, and it is off: leave out --gradient_checkpointing false, or add "
+     "--checkpointed_layers all --offload_layer_inputs false"),
     (lambda d: ["--gradient_checkpointing", "--offload_layer_inputs", "--compile_layers"],
      "--offload_layer_inputs is not built for compiled layers"),
     (lambda d: ["--recipe", "lean", "--compile_layers"], "--offload_layer_inputs (--recipe lean sets it) is not built "
@@ -192,6 +198,40 @@ def test_bad_training_input_exits_2_with_one_line_and_writes_nothing(broken, tmp
     line = refused(capsys, base_example.main, (TrainArguments,), with_flags(argv, extra))
     assert message in line, line
     assert (_snapshot(broken), _snapshot(tmp_path)) == before, "bad input must not write anything"
+
+
+def _take(argv: list[str], way: str) -> list[str]:
+    """argv after one way out a refusal names: `leave out --a 1 and --b`, `add --c 2 --d`, `replace --e 3 with --e 4`,
+    or several of these joined by `and`."""
+    argv = list(argv)
+    for verb, what in re.findall(r"(leave out|add|replace) (.+?)(?= and (?:leave out|add|replace) |$)", way):
+        if verb == "add":
+            argv += what.split()
+            continue
+        old, new = what.split(" with ") if verb == "replace" else (what, "")
+        for flags in old.split(" and "):
+            at = next(i for i in range(len(argv)) if argv[i:i + len(flags.split())] == flags.split())
+            argv[at:at + len(flags.split())] = new.split()
+    return argv
+
+
+# Settings that do not work together. The refusal names each way out, and each gets past it: a setting the recipe
+# made is added back switched off (leaving out what the user never typed would do nothing), a typed one left out.
+@pytest.mark.parametrize("flags", [
+    ["--recipe", "lean", "--compile_layers"], ["--recipe", "lean", "--gradient_checkpointing", "false"],
+    ["--checkpointed_layers", "2"], ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
+    ["--recipe", "fp8", "--dtype", "float16"], ["--recipe", "tutorial", "--quantization", "fp8"],
+    ["--recipe", "tutorial", "--quantization", "fp8", "--dtype", "float32"], ["--recipe", "fp8", "--fp8_matmuls"],
+    ["--recipe", "lean_fp8", "--quantization", "8bit"], ["--recipe", "qlora", "--fp8_matmuls"],
+    ["--fp8_matmuls", "--fuse_lora", "false"],
+])
+def test_each_way_out_a_refusal_names_gets_past_it(flags):
+    with pytest.raises(cli.UsageError) as refusal:
+        cli.parse(TrainArguments, argv=flags)
+    ways = re.sub(r" \([^)]*\)$", "", str(refusal.value).rsplit(": ", 1)[1]).split(", or ")
+    for way in ways:
+        assert re.match("(leave out|add|replace) --", way), str(refusal.value)
+        cli.parse(TrainArguments, argv=_take(flags, way))
 
 
 @pytest.mark.parametrize("extra,message", SWEEP)
