@@ -15,7 +15,8 @@ source files), in FIM form by the real FIM code with `--fim_rate`; the others on
 seq_length tokens, padded per batch. Each recipe trains in its own subprocess with
 the real Trainer and TFLOPSCallback; the first `--warmup` steps are excluded. Throughput counts non-padding tokens;
 MFU is against the dense bf16 peak whatever the matmuls ran in, and the table adds the FP8 peak. The same run
-measures the bf16 matmul ceiling. With `--verify_flops`, every recipe's steps are also timed with CUDA events (the
+measures the bf16 matmul ceiling, and each recipe's process the speed of a copy between pinned CPU memory and the GPU,
+each way (`host_copy_gbps`). With `--verify_flops`, every recipe's steps are also timed with CUDA events (the
 callback's FLOPs over that independent clock), and a recipe with joined attention is also counted by torch's
 FlopCounterMode: independent checks of the callback's model TFLOP/s.
 """
@@ -33,6 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.timing import milliseconds  # noqa: E402
 from finetune import cli, manifest  # noqa: E402
 from finetune.errors import child_failure  # noqa: E402
 from flops_counter import peak_tflops  # noqa: E402
@@ -104,6 +106,21 @@ def matmul_ceiling() -> float | None:
     end.record()
     torch.cuda.synchronize()
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def host_copy_gbps(megabytes: int = 256) -> dict | None:
+    """GB/s of a copy between pinned CPU memory and the GPU, each way: the link the offloading recipes' copies share
+    with the compute (lean_fp8's speed has varied between runs by up to 20% with steady steps, docs/PERFORMANCE.md)."""
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(megabytes << 20, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty_like(host, device="cuda")
+    rate = lambda copy: host.numel() / milliseconds(copy) / 1e6  # noqa: E731
+    rates = {"to_gpu": rate(lambda: gpu.copy_(host, non_blocking=True)),
+             "to_host": rate(lambda: host.copy_(gpu, non_blocking=True))}
+    del host, gpu
+    torch.cuda.empty_cache()  # the recipe's memory starts as it would without this
+    return rates
 
 
 def causal_lm_class(config):
@@ -189,6 +206,7 @@ def run_one(entry: str, options) -> dict:
 
     name, memory_cap_gib = recipe_and_cap(entry, options.memory_cap_gib)
     total_steps = options.warmup + options.steps
+    copy_gbps = host_copy_gbps()  # in this recipe's own process, as its pinned buffers will be
     if memory_cap_gib and torch.cuda.is_available():  # a smaller card's memory, on this one
         gpu = modeling.device()
         torch.cuda.set_per_process_memory_fraction(
@@ -242,7 +260,7 @@ def run_one(entry: str, options) -> dict:
               "fim_rate": options.fim_rate, "memory_cap_gib": memory_cap_gib, "load_seconds": load_seconds,
               "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed, "offloaded_layers": offloaded,
               "offloaded_inputs": offload.offloaded(layers, inputs=True),
-              "estimated_memory_gib": estimated,
+              "estimated_memory_gib": estimated, "host_copy_gbps": copy_gbps,
               **tflops.summary, "step_seconds": tflops.step_times, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
     autocast = dict(device_type="cuda", dtype=dtype, enabled=trainer.args.bf16 or trainer.args.fp16)

@@ -142,6 +142,7 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial", "lean_off20"]
     assert [row["memory_cap_gib"] for row in results["results"]] == [0.0, 24.0, 0.0]  # each recipe on its own card
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
+    assert all(row["host_copy_gbps"] is None for row in results["results"])  # no GPU to copy to
     lean = results["results"][2]  # on the CPU nothing is offloaded: every layer stays checkpointed
     assert lean["offloaded_layers"] == 0 and lean["checkpointed_layers"] == 4
     assert "tokens/s" in done.stdout
