@@ -341,10 +341,11 @@ class TrainArguments:
             raise UsageError(f"{self.named(*on_checkpointed)} {verb} on the layers --gradient_checkpointing "
                              f"checkpoints, and it is off: {self.ways_to(gradient_checkpointing=True)}, or "
                              f"{self.ways_to(**on_checkpointed)}")
-        for name in [name for name in ("offloaded_layers", "offload_layer_inputs") if name in on_checkpointed]:
-            require(not self.compile_layers, f"{self.named(name)} is not built for compiled layers: "
-                                             f"{self.ways_to(compile_layers=False)}, or "
-                                             f"{self.ways_to(**{name: on_checkpointed[name]})}")
+        for name in ("offloaded_layers", "offload_layer_inputs"):
+            if self.compile_layers and name in on_checkpointed:
+                raise UsageError(f"{self.named(name)} is not built for compiled layers: "
+                                 f"{self.ways_to(compile_layers=False)}, or "
+                                 f"{self.ways_to(**{name: on_checkpointed[name]})}")
         fp8_setting = "quantization" if self.quantization == "fp8" else "fp8_matmuls" if self.fp8_matmuls else None
         if fp8_setting and self.dtype not in ("auto", "bfloat16"):
             raise UsageError(f"{self.named(fp8_setting)} computes in bf16 (FP8 matmuls write bf16), not "
@@ -378,11 +379,15 @@ class TrainArguments:
         as they run, asked of the settings before the model loads."""
         return self.quantization != "8bit" and not self.off_fused_path
 
+    def _untyped(self, name: str):
+        """A setting's value where the user does not type it: the recipe's, else the default."""
+        return RECIPES.get(self.recipe, {}).get(name, self.__dataclass_fields__[name].default)
+
     def named(self, *names: str) -> str:
         """Settings as a refusal names them, with the recipe that set those whose value is the recipe's: a user who
         typed `--recipe lean --compile_layers` never typed --offload_layer_inputs."""
-        recipe = RECIPES.get(self.recipe, {})
-        by_recipe = [name for name in names if name in recipe and recipe[name] == getattr(self, name)]
+        by_recipe = [name for name in names
+                     if name in RECIPES.get(self.recipe, {}) and getattr(self, name) == self._untyped(name)]
         typed = [_flag(name, getattr(self, name)) for name in names if name not in by_recipe]
         set_by = [f"{_listed(_flag(name, getattr(self, name)) for name in by_recipe)} (--recipe {self.recipe} sets "
                   f"{'them' if len(by_recipe) > 1 else 'it'})"] if by_recipe else []
@@ -393,8 +398,7 @@ class TrainArguments:
         the value, else add the flag (or replace the typed one: given twice, it would be refused)."""
         leave, add, replace = [], [], []
         for name, value in values.items():
-            now = getattr(self, name)
-            untyped = RECIPES.get(self.recipe, {}).get(name, self.__dataclass_fields__[name].default)
+            now, untyped = getattr(self, name), self._untyped(name)
             if now == untyped:
                 add.append(_flag(name, value))
             elif untyped == value:
