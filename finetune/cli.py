@@ -56,9 +56,9 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def _listed(phrases) -> str:
-    """`a`, `a and b`, `a, b and c`."""
+    """`a`, `a and b`, `a, b and c` (and nothing of none)."""
     phrases = list(phrases)
-    return " and ".join(filter(None, [", ".join(phrases[:-1]), phrases[-1]]))
+    return " and ".join(filter(None, [", ".join(phrases[:-1]), *phrases[-1:]]))
 
 
 def _flag(name: str, value) -> str:
@@ -394,19 +394,22 @@ class TrainArguments:
         return " and ".join(([_listed(typed)] if typed else []) + set_by)
 
     def ways_to(self, **values) -> str:
-        """How the user gives settings these values: leave out what they typed where the recipe or default then gives
-        the value, else add the flag (or replace the typed one: given twice, it would be refused)."""
-        leave, add, replace = [], [], []
+        """How the user gives settings these values (those they do not already have): leave out what they typed where
+        the recipe or default then gives the value, replace a typed value, else set the flag: add it, or change it
+        where they typed the value the recipe or default gives anyway (added, it would be refused as given twice)."""
+        leave, setting, replace = [], [], []
         for name, value in values.items():
             now, untyped = getattr(self, name), self._untyped(name)
+            if now == value:
+                continue
             if now == untyped:
-                add.append(_flag(name, value))
+                setting.append(_flag(name, value))
             elif untyped == value:
                 leave.append(_flag(name, now))
             else:
                 replace.append(f"replace {_flag(name, now)} with {_flag(name, value)}")
-        return _listed(([f"leave out {_listed(leave)}"] if leave else []) + ([f"add {' '.join(add)}"] if add else [])
-                       + replace)
+        return _listed(([f"leave out {_listed(leave)}"] if leave else [])
+                       + ([f"set {' '.join(setting)}"] if setting else []) + replace)
 
     @property
     def warmup(self) -> int | float:

@@ -24,6 +24,7 @@ The estimate (GiB, and what is in it):
 - the backward's largest activation gradients, and 1.5 GiB for the CUDA context and the allocator's slack.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -201,36 +202,43 @@ def plan(args, config, lora_targets: list[str], chunked_loss: bool = True) -> tu
 
 def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> dict | None:
     """Refuse, before anything loads, a run whose estimate exceeds the GPU's memory, naming the changes that would
-    fit. Returns the estimate (None on the CPU, or with --check_memory false)."""
-    requested = requested_checkpointed_layers(args, config.num_hidden_layers)
+    fit as the user makes them (args.ways_to). Returns the estimate (None on the CPU, or with --check_memory
+    false)."""
+    requested_checkpointed_layers(args, config.num_hidden_layers)  # refuses more layers than the model has, also here
     available = device_gib()
     if available is None or not args.check_memory:
         return None
     shape = shape_of(config, args.lora_r, lora_targets)
-    checkpointed = shape.layers if requested is None else requested
-    asked = settings(args, checkpointed, args.takes_fused_path)
+
+    def planned(run) -> dict:  # with --checkpointed_layers fit: all of them, the most it can come to
+        requested = requested_checkpointed_layers(run, shape.layers)
+        return settings(run, shape.layers if requested is None else requested, run.takes_fused_path)
+
+    asked = planned(args)
     needed = estimate(shape, **asked, chunked_loss=chunked_loss)
     if needed["total"] <= available:
         return needed
-    def fitting(changes: dict[str, dict]) -> list[str]:
+
+    def fitting(*changes: dict) -> list[str]:
         found = []
-        for flags, change in changes.items():
-            total = estimate(shape, **{**asked, **change}, chunked_loss=chunked_loss)["total"]
-            if {**asked, **change} != asked and total <= available:
-                found.append(f"{flags} (about {math.ceil(total)} GiB)")
+        for change in changes:
+            changed = copy.copy(args)
+            vars(changed).update(change)  # not dataclasses.replace: the settings are checked already
+            trial = planned(changed)
+            total = estimate(shape, **trial, chunked_loss=chunked_loss)["total"]
+            if trial != asked and total <= available:
+                found.append(f"{args.ways_to(**change)} (about {math.ceil(total)} GiB)")
         return found
 
+    every = dict(gradient_checkpointing=True, checkpointed_layers="all")
+    offload = [dict(offload_layer_inputs=True)] if asked["checkpointed_layers"] and not args.compile_layers else []
     smaller = sorted({args.batch_size // 2, 1} - {0, args.batch_size}, reverse=True)
-    every = shape.layers
-    all_layers = "--checkpointed_layers all" if args.gradient_checkpointing else "--gradient_checkpointing"
-    inputs = {"--offload_layer_inputs": dict(offloaded_inputs=True)} if checkpointed else {}
-    found = fitting({all_layers: dict(checkpointed_layers=every), **inputs,
-                     **{f"--batch_size {b}": dict(batch_size=b) for b in smaller},
-                     "--quantization 4bit": dict(quantization="4bit")}) or \
-        fitting({"--gradient_checkpointing --quantization 4bit": dict(checkpointed_layers=every, quantization="4bit"),
-                 "--gradient_checkpointing --batch_size 1": dict(checkpointed_layers=every, batch_size=1)})
+    found = fitting(every, *offload, *(dict(batch_size=b) for b in smaller), dict(quantization="4bit")) or \
+        fitting({**every, "quantization": "4bit"}, {**every, "batch_size": 1})
     advice = f"; this would fit: {' or '.join(found)}" if found else "; nothing simple fits: use a smaller model"
-    state = "off" if not checkpointed else "on" if checkpointed == every else f"on in {checkpointed} of {every} layers"
+    checkpointed = asked["checkpointed_layers"]
+    state = ("off" if not checkpointed else "on" if checkpointed == shape.layers
+             else f"on in {checkpointed} of {shape.layers} layers")
     raise UsageError(f"this run needs about {needed['total']:.0f} GiB of GPU memory ({args.batch_size} x "
                      f"{args.seq_length} tokens, {args.quantization} base, activation checkpointing {state}) and "
                      f"the GPU has {available:.0f} GiB"

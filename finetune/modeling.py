@@ -106,16 +106,17 @@ def autocast_dtype(dtype: torch.dtype, mixed_precision: bool) -> torch.dtype | N
     return dtype if dtype == torch.float16 or (dtype == torch.bfloat16 and mixed_precision) else None
 
 
-def check_quantization(kind: str, fp8_matmuls: bool = False, named: str = "") -> None:
-    """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads. `named`:
-    the FP8 setting as the refusal names it (cli.TrainArguments.named: which recipe set it)."""
+def check_quantization(kind: str, fp8_matmuls: bool = False, named: str = "", way_out: str = "") -> None:
+    """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads. `named`
+    and `way_out`: the FP8 setting as the refusal names it and how to turn it off (cli.TrainArguments.named and
+    ways_to: which recipe set it, and whether to leave a flag out or set one)."""
     option = named or ("--quantization fp8" if kind == "fp8" else "--fp8_matmuls")
-    instead = "--quantization 4bit or none" if kind == "fp8" else "--recipe lean, or leave --fp8_matmuls out"
+    way_out = way_out or ("use --quantization 4bit or none" if kind == "fp8" else "leave out --fp8_matmuls")
     wants_fp8 = kind == "fp8" or fp8_matmuls
     if wants_fp8 and fp8.unsupported_reason():
-        raise UsageError(f"{option} needs FP8 tensor cores: {fp8.unsupported_reason()}; use {instead}")
+        raise UsageError(f"{option} needs FP8 tensor cores: {fp8.unsupported_reason()}; {way_out}")
     if wants_fp8 and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor
-        raise UsageError(f"{option} does not run under FSDP; use DDP (torchrun), or {instead}")
+        raise UsageError(f"{option} does not run under FSDP: run it under DDP (torchrun), or {way_out}")
     if kind in ("4bit", "8bit"):
         try:
             import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)

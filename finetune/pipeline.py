@@ -38,8 +38,8 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     when not given they are built the same way from `args`."""
     tracking.choose_mode(args)
     hub.check(args)
-    modeling.check_quantization(args.quantization, args.fp8_matmuls,
-                                args.named("quantization" if args.quantization == "fp8" else "fp8_matmuls"))
+    fp8_off = dict(quantization="4bit") if args.quantization == "fp8" else dict(fp8_matmuls=False)
+    modeling.check_quantization(args.quantization, args.fp8_matmuls, args.named(*fp8_off), args.ways_to(**fp8_off))
     if args.offloaded_layers and modeling.fsdp_enabled():
         raise UsageError("--offloaded_layers is not built for FSDP, whose gathered weights it would copy out as "
                          "activations: give --offloaded_layers 0")

@@ -194,7 +194,7 @@ def test_the_memory_estimate_names_what_would_fit(monkeypatch):
         memory.check(long, config, targets)
     message = str(refused.value)
     assert "needs about 87 GiB" in message and "the GPU has 80 GiB" in message
-    assert "this would fit: --gradient_checkpointing (about" in message and "--check_memory false" in message
+    assert "this would fit: set --gradient_checkpointing (about" in message and "--check_memory false" in message
     checkpointed = TrainArguments(model="tiny-starcoder2", batch_size=1, seq_length=16384, packing=True,
                                   gradient_checkpointing=True)
     assert memory.check(checkpointed, config, targets)["total"] < 40
@@ -210,7 +210,7 @@ def test_a_16_gb_run_short_of_memory_is_told_to_offload_its_checkpointed_layers_
     targets = modeling.lora_targets(config, None)
     recipe = TrainArguments(model="tiny-starcoder", dtype="bfloat16", **{**cli.RECIPES["lean_fp8"],
                                                                           "checkpointed_layers": "all"})
-    with pytest.raises(cli.UsageError, match=r"this would fit: --offload_layer_inputs \(about 12 GiB\)"):
+    with pytest.raises(cli.UsageError, match=r"this would fit: set --offload_layer_inputs \(about 12 GiB\)"):
         memory.check(dataclasses.replace(recipe, offload_layer_inputs=False), config, targets)
     assert memory.check(recipe, config, targets)["total"] <= 11.5
 

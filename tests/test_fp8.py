@@ -251,13 +251,13 @@ def test_the_lean_fp8_recipe_trains_its_4_bit_base_in_fp8(tmp_path, monkeypatch)
 @pytest.mark.skipif(fp8.unsupported_reason() is None, reason="this machine has FP8 tensor cores")
 @pytest.mark.parametrize("flags,message", [
     (["--recipe", "lean_fp8"], f"--fp8_matmuls (--recipe lean_fp8 sets it) needs FP8 tensor cores: "
-                               f"{fp8.unsupported_reason()}; use --recipe lean, or leave --fp8_matmuls out"),
+                               f"{fp8.unsupported_reason()}; set --fp8_matmuls false"),
     (["--fp8_matmuls", "--quantization", "none"], "--fp8_matmuls multiplies a 4-bit base in FP8, and --quantization "
                                                   "none is not 4-bit: leave out --quantization none, or leave out "
                                                   "--fp8_matmuls (--quantization fp8 multiplies in FP8 without it)"),
     (["--recipe", "lean_fp8", "--lora_dropout", "0.05"], "--fp8_matmuls (--recipe lean_fp8 sets it) runs on the fused "
                                                          "LoRA path, and --lora_dropout 0.05 takes the layers off it: "
-                                                         "leave out --lora_dropout 0.05, or add --fp8_matmuls false"),
+                                                         "leave out --lora_dropout 0.05, or set --fp8_matmuls false"),
     (["--fp8_matmuls", "--dtype", "float16"], "--fp8_matmuls computes in bf16 (FP8 matmuls write bf16), not --dtype "
                                               "float16: leave out --dtype float16"),
 ])

@@ -117,7 +117,7 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
     (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "half"],
      "--checkpointed_layers must be all, fit or a number of layers, got 'half'"),
     (lambda d: ["--checkpointed_layers", "2"], "--checkpointed_layers 2 acts on the layers --gradient_checkpointing "
-                                               "checkpoints, and it is off: add --gradient_checkpointing, or leave "
+                                               "checkpoints, and it is off: set --gradient_checkpointing, or leave "
                                                "out --checkpointed_layers 2"),
     (lambda d: ["--gradient_checkpointing", "--checkpointed_layers", "9"],
      "--checkpointed_layers 9 is more than the model's 4 decoder layers"),
@@ -132,12 +132,12 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
                                            "checkpoints"),
     (lambda d: ["--recipe", "lean", "--gradient_checkpointing", "false"],
      "--checkpointed_layers fit and --offload_layer_inputs (--recipe lean sets them) act on the layers "
-     "--gradient_checkpointing checkpoints, and it is off: leave out --gradient_checkpointing false, or add "
+     "--gradient_checkpointing checkpoints, and it is off: leave out --gradient_checkpointing false, or set "
      "--checkpointed_layers all --offload_layer_inputs false"),
     (lambda d: ["--gradient_checkpointing", "--offload_layer_inputs", "--compile_layers"],
      "--offload_layer_inputs is not built for compiled layers"),
     (lambda d: ["--recipe", "lean", "--compile_layers"], "--offload_layer_inputs (--recipe lean sets it) is not built "
-                                                         "for compiled layers: leave out --compile_layers, or add "
+                                                         "for compiled layers: leave out --compile_layers, or set "
                                                          "--offload_layer_inputs false"),
     (lambda d: ["--push_to_hub", "--hub_model_id", "not an id!"], "is not a Hub repository id"),
     (lambda d: ["--model", str(d / "no-weights")], "holds a config.json but no weights"),
@@ -201,12 +201,17 @@ def test_bad_training_input_exits_2_with_one_line_and_writes_nothing(broken, tmp
 
 
 def _take(argv: list[str], way: str) -> list[str]:
-    """argv after one way out a refusal names: `leave out --a 1 and --b`, `add --c 2 --d`, `replace --e 3 with --e 4`,
-    or several of these joined by `and`."""
+    """argv after one way out a refusal names: `leave out --a 1 and --b`, `set --c 2 --d` (in place of a --c given,
+    else added), `replace --e 3 with --e 4`, or several of these joined by `and`."""
     argv = list(argv)
-    for verb, what in re.findall(r"(leave out|add|replace) (.+?)(?= and (?:leave out|add|replace) |$)", way):
-        if verb == "add":
-            argv += what.split()
+    for verb, what in re.findall(r"(leave out|set|replace) (.+?)(?= and (?:leave out|set|replace) |$)", way):
+        if verb == "set":
+            for flag in re.findall(r"--\S+(?: [^-]\S*)?", what):
+                given = [i for i, token in enumerate(argv) if token == flag.split()[0]]
+                if given:  # the flag and its value, if it has one
+                    end = given[0] + 1 + (given[0] + 1 < len(argv) and not argv[given[0] + 1].startswith("--"))
+                    argv[given[0]:end] = []
+                argv += flag.split()
             continue
         old, new = what.split(" with ") if verb == "replace" else (what, "")
         for flags in old.split(" and "):
@@ -216,21 +221,24 @@ def _take(argv: list[str], way: str) -> list[str]:
 
 
 # Settings that do not work together. The refusal names each way out, and each gets past it: a setting the recipe
-# made is added back switched off (leaving out what the user never typed would do nothing), a typed one left out.
+# made is set switched off (leaving out what the user never typed would do nothing; adding what they typed with the
+# recipe's own value would give it twice), a typed one left out.
 @pytest.mark.parametrize("flags", [
     ["--recipe", "lean", "--compile_layers"], ["--recipe", "lean", "--gradient_checkpointing", "false"],
+    ["--recipe", "lean", "--offload_layer_inputs", "--gradient_checkpointing", "false"],
     ["--checkpointed_layers", "2"], ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
     ["--recipe", "fp8", "--dtype", "float16"], ["--recipe", "tutorial", "--quantization", "fp8"],
     ["--recipe", "tutorial", "--quantization", "fp8", "--dtype", "float32"], ["--recipe", "fp8", "--fp8_matmuls"],
     ["--recipe", "lean_fp8", "--quantization", "8bit"], ["--recipe", "qlora", "--fp8_matmuls"],
     ["--fp8_matmuls", "--fuse_lora", "false"],
+    ["--recipe", "lean_fp8", "--fp8_matmuls", "true", "--lora_dropout", "0.1"],
 ])
 def test_each_way_out_a_refusal_names_gets_past_it(flags):
     with pytest.raises(cli.UsageError) as refusal:
         cli.parse(TrainArguments, argv=flags)
     ways = re.sub(r" \([^)]*\)$", "", str(refusal.value).rsplit(": ", 1)[1]).split(", or ")
     for way in ways:
-        assert re.match("(leave out|add|replace) --", way), str(refusal.value)
+        assert re.match("(leave out|set|replace) --", way), str(refusal.value)
         cli.parse(TrainArguments, argv=_take(flags, way))
 
 
