@@ -129,8 +129,8 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesCo
     """How the frozen base is stored. `4bit`: QLoRA (Dettmers et al. 2023), NF4 storage with double quantization (its
     block scales quantized again, ~0.4 bits a weight saved), matmuls in `compute_dtype` (base_example.py shows it
     written out). `8bit`: LLM.int8 (Dettmers et al. 2022), the tutorial's. `fp8` and `none` load a 16-bit base: fp8
-    converts it after LoRA is added (finetune/fp8.py)."""
-    check_quantization(kind)
+    converts it after LoRA is added (finetune/fp8.py). Whether this machine can run it is check_quantization's
+    question, asked where the run's settings are known (pipeline.prepare names the recipe that set them)."""
     if kind in ("fp8", "none"):
         return None
     if kind == "8bit":
@@ -199,6 +199,7 @@ def load_model(model: str | None, quantization: BitsAndBytesConfig | None, dtype
 
 def load_quantized(model: str, kind: str):
     """A base model with `kind`'s quantization (4bit, 8bit or none) in the compute dtype: how generate.py loads it."""
+    check_quantization(kind)
     dtype = compute_dtype()
     return load_model(model, quantization_config(kind, dtype), dtype)
 
