@@ -24,9 +24,8 @@ The estimate (GiB, and what is in it):
 - the backward's largest activation gradients, and 1.5 GiB for the CUDA context and the allocator's slack.
 """
 
-import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -222,8 +221,10 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
     def fitting(*changes: dict) -> list[str]:
         found = []
         for change in changes:
-            changed = copy.copy(args)
-            vars(changed).update(change)  # not dataclasses.replace: the settings are checked already
+            try:
+                changed = replace(args, **change)
+            except UsageError:  # the arguments' own rules refuse it: --offload_layer_inputs with --compile_layers
+                continue
             trial = planned(changed)
             total = estimate(shape, **trial, chunked_loss=chunked_loss)["total"]
             if trial != asked and total <= available:
@@ -231,7 +232,7 @@ def check(args, config, lora_targets: list[str], chunked_loss: bool = True) -> d
         return found
 
     every = dict(gradient_checkpointing=True, checkpointed_layers="all")
-    offload = [dict(offload_layer_inputs=True)] if asked["checkpointed_layers"] and not args.compile_layers else []
+    offload = [dict(offload_layer_inputs=True)] if asked["checkpointed_layers"] else []
     smaller = sorted({args.batch_size // 2, 1} - {0, args.batch_size}, reverse=True)
     found = fitting(every, *offload, *(dict(batch_size=b) for b in smaller), dict(quantization="4bit")) or \
         fitting({**every, "quantization": "4bit"}, {**every, "batch_size": 1})

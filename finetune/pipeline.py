@@ -41,8 +41,8 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     fp8_off = dict(quantization="4bit") if args.quantization == "fp8" else dict(fp8_matmuls=False)
     modeling.check_quantization(args.quantization, args.fp8_matmuls, args.named(*fp8_off), args.ways_to(**fp8_off))
     if args.offloaded_layers and modeling.fsdp_enabled():
-        raise UsageError("--offloaded_layers is not built for FSDP, whose gathered weights it would copy out as "
-                         "activations: give --offloaded_layers 0")
+        raise UsageError(f"{args.named('offloaded_layers')} is not built for FSDP, whose gathered weights it would "
+                         f"copy out as activations: {args.ways_to(offloaded_layers=0)}")
     quantization = quantization or modeling.quantization_config(args.quantization, modeling.compute_dtype(args.dtype))
     lora = lora or modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     token = args.hf_token or None  # else huggingface_hub reads $HF_TOKEN

@@ -213,6 +213,9 @@ def test_a_16_gb_run_short_of_memory_is_told_to_offload_its_checkpointed_layers_
     with pytest.raises(cli.UsageError, match=r"this would fit: set --offload_layer_inputs \(about 12 GiB\)"):
         memory.check(dataclasses.replace(recipe, offload_layer_inputs=False), config, targets)
     assert memory.check(recipe, config, targets)["total"] <= 11.5
+    with pytest.raises(cli.UsageError) as refused:  # compiled layers refuse the offload: it is no way out for them
+        memory.check(dataclasses.replace(recipe, offload_layer_inputs=False, compile_layers=True), config, targets)
+    assert "this run needs about" in str(refused.value) and "offload" not in str(refused.value)
 
 
 EVERY_RECIPE = {"qlora", "tutorial", "fp8", "fp8_lean", "fast", "bf16"}

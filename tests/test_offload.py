@@ -211,8 +211,9 @@ def test_offloading_under_fsdp_is_refused_before_anything_is_written(tmp_path, m
     with pytest.raises(SystemExit) as exit_info:
         cli.run(base_with_tflops.main, TrainArguments, argv=argv)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("error: --offloaded_layers is not built for FSDP, whose gathered "
-                                                "weights it would copy out as activations: give --offloaded_layers 0")
+    assert capsys.readouterr().err.strip() == ("error: --offloaded_layers 2 is not built for FSDP, whose gathered "
+                                                "weights it would copy out as activations: leave out "
+                                                "--offloaded_layers 2")
     assert not (tmp_path / "out").exists()
 
 

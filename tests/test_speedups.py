@@ -131,19 +131,23 @@ def test_recipe_presets_yield_to_explicit_flags():
 def test_bench_runs_recipes_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes",
-                           "fast,tutorial@24,lean_off20", "--steps", "1", "--warmup", "1", "--seq_length", "32",
+                           "fast,tutorial@24,lean_off20,lean_fp8", "--steps", "1", "--warmup", "1", "--seq_length", "32",
                            "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["versions"]["torch"] and results["versions"]["transformers"] and results["device"]
     assert results["host"]["cpu"] and results["host"]["cores"] >= 1
-    assert all(len(row["step_seconds"]) == 2 and min(row["step_seconds"]) > 0 for row in results["results"])
-    assert [row["recipe"] for row in results["results"]] == ["fast", "tutorial", "lean_off20"]
-    assert [row["memory_cap_gib"] for row in results["results"]] == [0.0, 24.0, 0.0]  # each recipe on its own card
-    assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in results["results"])
-    assert all(row["host_copy_gbps"] is None for row in results["results"])  # no GPU to copy to
-    lean = results["results"][2]  # on the CPU nothing is offloaded: every layer stays checkpointed
+    *trained, fp8_row = results["results"]
+    assert all(len(row["step_seconds"]) == 2 and min(row["step_seconds"]) > 0 for row in trained)
+    assert [row["recipe"] for row in trained] == ["fast", "tutorial", "lean_off20"]
+    assert [row["memory_cap_gib"] for row in trained] == [0.0, 24.0, 0.0]  # each recipe on its own card
+    assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in trained)
+    assert all(row["host_copy_gbps"] is None for row in trained)  # no GPU to copy to
+    # a recipe this machine cannot run is a row that says so, and the others still run
+    assert fp8_row["status"] == "error" and fp8_row["error"].endswith(
+        "recipe lean_fp8 needs FP8 tensor cores: this machine has no CUDA GPU; leave it out of --recipes")
+    lean = trained[2]  # on the CPU nothing is offloaded: every layer stays checkpointed
     assert lean["offloaded_layers"] == 0 and lean["checkpointed_layers"] == 4
     assert "tokens/s" in done.stdout
 
