@@ -16,9 +16,10 @@ seq_length tokens, padded per batch. Each recipe trains in its own subprocess wi
 the real Trainer and TFLOPSCallback; the first `--warmup` steps are excluded. Throughput counts non-padding tokens;
 MFU is against the dense bf16 peak whatever the matmuls ran in, and the table adds the FP8 peak. The same run
 measures the bf16 matmul ceiling, and each recipe's process the speed of a copy between pinned CPU memory and the GPU,
-each way (`host_copy_gbps`). With `--verify_flops`, every recipe's steps are also timed with CUDA events (the
-callback's FLOPs over that independent clock), and a recipe with joined attention is also counted by torch's
-FlopCounterMode: independent checks of the callback's model TFLOP/s.
+each way (`host_copy_gbps`), and in each step the training thread's CPU seconds and involuntary context switches
+(`host_cpu_seconds`, `host_involuntary_switches`). With `--verify_flops`, every recipe's steps are also timed with
+CUDA events (the callback's FLOPs over that independent clock), and a recipe with joined attention is also counted
+by torch's FlopCounterMode: independent checks of the callback's model TFLOP/s.
 """
 
 import argparse
@@ -191,6 +192,39 @@ class CudaEventTimer:
         return sum(begin.elapsed_time(end) for begin, end in self.events[skip:]) / 1e3
 
 
+class HostTimer:
+    """The training thread's own CPU seconds and involuntary context switches (Linux counts them per thread) in each
+    step, from its start to the moment the host has issued the step's last work, before the step's closing wait for
+    the GPU (it runs before TFLOPSCallback, which waits). `lean_fp8` gave 7,344 and 9,362 tokens/s in one run, with the
+    same GPU kernel time and a GPU idle longer for its launches (docs/PERFORMANCE.md, 2026-12-08): these tell a host
+    that took more CPU time for the same work (a slower core) from a thread that waited its turn (more switches)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.started = timer.usage()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                seconds, switches = timer.usage()
+                timer.cpu_seconds.append(seconds - timer.started[0])
+                timer.switches.append(None if switches is None else switches - timer.started[1])
+
+        self.cpu_seconds, self.switches, self.callback = [], [], Callback()
+
+    @staticmethod
+    def usage() -> tuple[float, int | None]:
+        switches = None
+        if sys.platform == "linux":
+            import resource
+
+            switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+        return time.thread_time(), switches
+
+
 def recipe_and_cap(entry: str, default_cap: float) -> tuple[str, float]:
     """`NAME` or `NAME@GIB` of --recipes: a recipe and the GPU memory it runs under (`fp8,lean@16`: one table with
     each recipe on its own card's memory); without `@`, --memory_cap_gib's. ValueError for anything else."""
@@ -245,13 +279,13 @@ def run_one(entry: str, options) -> dict:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # each rank trains on its own 1/world of the examples
         train_set = synthetic_examples(args, total_steps * args.batch_size * world, config.vocab_size, options.data,
                                        fim_options)
-        tflops = TFLOPSCallback(warmup_steps=options.warmup)
+        tflops, host = TFLOPSCallback(warmup_steps=options.warmup), HostTimer()
         timer = CudaEventTimer() if options.verify_flops and torch.cuda.is_available() else None
         profiler = StepProfiler(options.warmup - 1, os.path.join(options.profile_dir, f"profile-{name}.txt")) if (
             options.profile_dir and torch.cuda.is_available()) else None
         run = pipeline.Prepared(tokenizer, model, train_set, None, None, {})
         trainer = training.build_trainer(
-            args, run, callbacks=[tflops] + [extra.callback for extra in (timer, profiler) if extra],
+            args, run, callbacks=[host.callback, tflops] + [extra.callback for extra in (timer, profiler) if extra],
             eval_strategy="no", eval_on_start=False, save_strategy="no", load_best_model_at_end=False, warmup_steps=0,
             dataloader_num_workers=2, dataloader_pin_memory=torch.cuda.is_available(),
             **training.length_grouped(False))
@@ -262,7 +296,8 @@ def run_one(entry: str, options) -> dict:
               "recompute_gelu": recompute_gelu, "checkpointed_layers": checkpointed, "offloaded_layers": offloaded,
               "offloaded_inputs": offload.offloaded(layers, inputs=True),
               "estimated_memory_gib": estimated, "host_copy_gbps": copy_gbps,
-              **tflops.summary, "step_seconds": tflops.step_times, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
+              **tflops.summary, "step_seconds": tflops.step_times, "host_cpu_seconds": host.cpu_seconds,
+              "host_involuntary_switches": host.switches, "fp8_peak_tflops": peak_tflops(gpu, fp8=True),
               "flops_per_token": flops_per_token(model, args.seq_length).model}
     autocast = dict(device_type="cuda", dtype=dtype, enabled=trainer.args.bf16 or trainer.args.fp16)
     if timer:

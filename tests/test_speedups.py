@@ -144,6 +144,10 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     assert [row["memory_cap_gib"] for row in trained] == [0.0, 24.0, 0.0]  # each recipe on its own card
     assert all(row["tokens_per_second"] > 0 and row["model_tflops"] > 0 for row in trained)
     assert all(row["host_copy_gbps"] is None for row in trained)  # no GPU to copy to
+    # the training thread's own CPU time in each step: some, and no more than the step's (one thread, one clock)
+    assert all(0 < cpu <= wall + 0.05 for row in trained for cpu, wall in zip(row["host_cpu_seconds"],
+                                                                              row["step_seconds"], strict=True))
+    assert all(isinstance(n, int) and n >= 0 for row in trained for n in row["host_involuntary_switches"])
     # a recipe this machine cannot run is a row that says so, and the others still run
     assert fp8_row["status"] == "error" and fp8_row["error"].endswith(
         "recipe lean_fp8 needs FP8 tensor cores: this machine has no CUDA GPU; leave it out of --recipes")
