@@ -250,7 +250,9 @@ def run_one(entry: str, options) -> dict:
                   "batch_size": options.batch_size or RECIPES[name]["batch_size"]}
         args = cli.TrainArguments(**recipe, model="random", max_train_steps=total_steps, logging_steps=total_steps,
                                   report_to="none", output_dir=output_dir)
-        modeling.check_quantization(args.quantization, args.fp8_matmuls, f"recipe {name}", "leave it out of --recipes")
+        if args.fp8_off:
+            modeling.check_fp8(f"recipe {name}", "leave it out of --recipes")
+        modeling.check_quantization(args.quantization)
         dtype = modeling.compute_dtype(args.dtype) if torch.cuda.is_available() else torch.float32
         config = architecture.config(options.family, options.size)
         config._attn_implementation = "sdpa"

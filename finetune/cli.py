@@ -346,9 +346,8 @@ class TrainArguments:
                 raise UsageError(f"{self.named(name)} is not built for compiled layers: "
                                  f"{self.ways_to(compile_layers=False)}, or "
                                  f"{self.ways_to(**{name: on_checkpointed[name]})}")
-        fp8_setting = "quantization" if self.quantization == "fp8" else "fp8_matmuls" if self.fp8_matmuls else None
-        if fp8_setting and self.dtype not in ("auto", "bfloat16"):
-            raise UsageError(f"{self.named(fp8_setting)} computes in bf16 (FP8 matmuls write bf16), not "
+        if self.fp8_off and self.dtype not in ("auto", "bfloat16"):
+            raise UsageError(f"{self.named(*self.fp8_off)} computes in bf16 (FP8 matmuls write bf16), not "
                              f"{self.named('dtype')}: {self.ways_to(dtype='auto')}")
         if self.fp8_matmuls:
             require(self.quantization == "4bit",
@@ -366,6 +365,14 @@ class TrainArguments:
 
     # The settings that keep adapted layers off finetune/fusion.py's one-function path, and the values that do not
     _FUSED_PATH = dict(fuse_lora=True, lora_dropout=0, mixed_precision=False, fp32_adapter=False, fp32_upcast=False)
+
+    @property
+    def fp8_off(self) -> dict:
+        """The setting that multiplies in FP8, with the value that would not ({} where nothing does): --quantization
+        fp8 (4-bit instead), else --fp8_matmuls."""
+        if self.quantization == "fp8":
+            return dict(quantization="4bit")
+        return dict(fp8_matmuls=False) if self.fp8_matmuls else {}
 
     @property
     def off_fused_path(self) -> dict:

@@ -106,17 +106,18 @@ def autocast_dtype(dtype: torch.dtype, mixed_precision: bool) -> torch.dtype | N
     return dtype if dtype == torch.float16 or (dtype == torch.bfloat16 and mixed_precision) else None
 
 
-def check_quantization(kind: str, fp8_matmuls: bool = False, named: str = "", way_out: str = "") -> None:
-    """Refuse a --quantization (and --fp8_matmuls) this machine or launch cannot run, before anything loads. `named`
-    and `way_out`: the FP8 setting as the refusal names it and how to turn it off (cli.TrainArguments.named and
-    ways_to: which recipe set it, and whether to leave a flag out or set one)."""
-    option = named or ("--quantization fp8" if kind == "fp8" else "--fp8_matmuls")
-    way_out = way_out or ("use --quantization 4bit or none" if kind == "fp8" else "leave out --fp8_matmuls")
-    wants_fp8 = kind == "fp8" or fp8_matmuls
-    if wants_fp8 and fp8.unsupported_reason():
-        raise UsageError(f"{option} needs FP8 tensor cores: {fp8.unsupported_reason()}; {way_out}")
-    if wants_fp8 and fsdp_enabled():  # FSDP flattens a module's parameters into one tensor
-        raise UsageError(f"{option} does not run under FSDP: run it under DDP (torchrun), or {way_out}")
+def check_fp8(setting: str, way_out: str) -> None:
+    """Refuse FP8 matmuls where this machine or launch cannot run them, before anything loads. `setting`: what asked
+    for them, as the refusal names it; `way_out`: how to turn them off (cli.TrainArguments.named and ways_to: which
+    recipe set it, and whether to leave a flag out or set one)."""
+    if fp8.unsupported_reason():
+        raise UsageError(f"{setting} needs FP8 tensor cores: {fp8.unsupported_reason()}; {way_out}")
+    if fsdp_enabled():  # FSDP flattens a module's parameters into one tensor
+        raise UsageError(f"{setting} does not run under FSDP: run it under DDP (torchrun), or {way_out}")
+
+
+def check_quantization(kind: str) -> None:
+    """Refuse a --quantization whose library cannot run here, before anything loads (FP8's hardware: check_fp8)."""
     if kind in ("4bit", "8bit"):
         try:
             import bitsandbytes  # noqa: F401  (transformers would fail later, deep inside from_pretrained)
@@ -129,8 +130,8 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesCo
     """How the frozen base is stored. `4bit`: QLoRA (Dettmers et al. 2023), NF4 storage with double quantization (its
     block scales quantized again, ~0.4 bits a weight saved), matmuls in `compute_dtype` (base_example.py shows it
     written out). `8bit`: LLM.int8 (Dettmers et al. 2022), the tutorial's. `fp8` and `none` load a 16-bit base: fp8
-    converts it after LoRA is added (finetune/fp8.py). Whether this machine can run it is check_quantization's
-    question, asked where the run's settings are known (pipeline.prepare names the recipe that set them)."""
+    converts it after LoRA is added (finetune/fp8.py). Whether this machine can run it is check_quantization's and
+    check_fp8's question, asked where the run's settings are known (pipeline.prepare names the recipe that set them)."""
     if kind in ("fp8", "none"):
         return None
     if kind == "8bit":

@@ -38,8 +38,9 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     when not given they are built the same way from `args`."""
     tracking.choose_mode(args)
     hub.check(args)
-    fp8_off = dict(quantization="4bit") if args.quantization == "fp8" else dict(fp8_matmuls=False)
-    modeling.check_quantization(args.quantization, args.fp8_matmuls, args.named(*fp8_off), args.ways_to(**fp8_off))
+    if args.fp8_off:
+        modeling.check_fp8(args.named(*args.fp8_off), args.ways_to(**args.fp8_off))
+    modeling.check_quantization(args.quantization)
     if args.offloaded_layers and modeling.fsdp_enabled():
         raise UsageError(f"{args.named('offloaded_layers')} is not built for FSDP, whose gathered weights it would "
                          f"copy out as activations: {args.ways_to(offloaded_layers=0)}")

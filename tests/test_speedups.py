@@ -131,8 +131,8 @@ def test_recipe_presets_yield_to_explicit_flags():
 def test_bench_runs_recipes_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes",
-                           "fast,tutorial@24,lean_off20,lean_fp8", "--steps", "1", "--warmup", "1", "--seq_length", "32",
-                           "--json", str(out)],
+                           "fast,tutorial@24,lean_off20,lean_fp8", "--steps", "1", "--warmup", "1",
+                           "--seq_length", "32", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
