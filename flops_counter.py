@@ -184,6 +184,11 @@ def peak_tflops(device_name: str, override: float | None = None, fp8: bool = Fal
     return None if row is None else row[2 if fp8 else 1]
 
 
+# Steps timed alone before the measured window: the first allocates the caching allocator's blocks and compiles
+# kernels, the second still grows a few buffers.
+WARMUP_STEPS = 2
+
+
 class TFLOPSCallback(TrainerCallback):
     """Logs, at every logging step and at the end of training (keys gain W&B's `train/` prefix):
 
@@ -207,7 +212,7 @@ class TFLOPSCallback(TrainerCallback):
     tutorial did.
     """
 
-    def __init__(self, warmup_steps: int = 2, peak_tflops: float | None = None, logging_callback=None,
+    def __init__(self, warmup_steps: int = WARMUP_STEPS, peak_tflops: float | None = None, logging_callback=None,
                  clock=time.perf_counter):
         self.warmup_steps = warmup_steps
         self.peak_override = peak_tflops

@@ -559,9 +559,17 @@ def _as_tokens(settings: dict, parser, path: str) -> list[str]:
             continue
         if isinstance(value, dict):
             raise UsageError(f"{path}: {key} must be a value, not a mapping")
+        action = destinations[key]
+        if isinstance(value, list) and action.nargs is None:
+            # a YAML list where the flag takes one text value is that flag's comma-separated list
+            # (--lora_target_modules, --dataset, --extensions, --sweep_batch_sizes)
+            if action.type is not str:
+                raise UsageError(f"{path}: {key} takes one value, not a list")
+            if any(isinstance(v, (list, dict)) for v in value):
+                raise UsageError(f"{path}: {key}'s list must hold plain values, not lists or mappings")
+            value = ",".join(str(v) for v in value)
         values = value if isinstance(value, list) else [value]
-        tokens += [destinations[key].option_strings[0],
-                   *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+        tokens += [action.option_strings[0], *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
     return tokens
 
 

@@ -266,12 +266,17 @@ def main(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
 def check_inputs(args) -> None:
     """What every configuration would refuse, refused once before the first starts: the output directory, the model
     and the data; and steps by epochs (configurations with other batch sizes would train different numbers of
-    steps, and their figures would not compare)."""
+    steps, and their figures would not compare), or too few steps to measure any."""
+    from flops_counter import WARMUP_STEPS
+
     from . import checkpointing, data, modeling
 
     if args.num_train_epochs is not None:
         raise UsageError("a sweep compares configurations at the same number of steps: give --max_train_steps, not "
                          "--num_train_epochs")
+    if args.max_train_steps <= WARMUP_STEPS:
+        raise UsageError(f"a sweep measures the steps after the first {WARMUP_STEPS} (warm-up) and --max_train_steps "
+                         f"{args.max_train_steps} leaves none; give --max_train_steps {WARMUP_STEPS + 5} or more (5 measured)")
     checkpointing.check_output_dir(args.output_dir)
     modeling.check_model(args.model, args.seq_length, args.hf_token or None)
     data.load_examples(args.dataset, args.prompt_column, args.completion_column, args.hf_token or None,

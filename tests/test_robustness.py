@@ -719,6 +719,7 @@ SWEEP_INPUTS = [
     (lambda d: ["--sweep_batch_sizes", "2,4,2"], "lists 2 more than once"),
     (lambda d: ["--sweep_batch_sizes", "4096"], "'4096' is not a positive integer"),
     (lambda d: ["--num_train_epochs", "2", "--sweep_batch_sizes", "2"], "give --max_train_steps"),
+    (lambda d: ["--max_train_steps", "2", "--sweep_batch_sizes", "1,2"], "--max_train_steps 2 leaves none"),
 ]
 
 

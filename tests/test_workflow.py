@@ -16,6 +16,7 @@ from conftest import ROOT, tiny_args
 from finetune import cli, data, hub, modeling
 from finetune.cli import TrainArguments
 from finetune.data import IGNORE_INDEX
+from finetune.sweep import SweepArguments
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add one to x."},
@@ -106,6 +107,10 @@ def test_a_settings_file_with_flags_over_it(tmp_path):
     as_json.write_text(json.dumps({"lora_alpha": 64, "packing": False}))
     (args,) = cli.parse(TrainArguments, argv=[str(as_json)])
     assert args.lora_alpha == 64 and not args.packing
+    listed = tmp_path / "listed.yaml"  # a YAML list for a comma-separated setting
+    listed.write_text("lora_target_modules: [c_attn, c_fc]\nsweep_batch_sizes: [1, 2]\n")
+    args, sweeping = cli.parse(TrainArguments, SweepArguments, argv=[str(listed)])
+    assert args.lora_target_modules == "c_attn,c_fc" and sweeping.batch_sizes == [1, 2]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -115,6 +120,8 @@ def test_a_settings_file_with_flags_over_it(tmp_path):
     ("- a\n- b\n", "must hold a mapping"),
     ("lora_r: [8\n", "is not valid YAML"),
     ("lora_r: {a: 1}\n", "must be a value, not a mapping"),
+    ("lora_r: [8, 16]\n", "lora_r takes one value, not a list"),
+    ("lora_target_modules: [[c_attn]]\n", "lora_target_modules's list must hold plain values"),
 ])
 def test_a_bad_settings_file_is_one_line(tmp_path, text, message):
     settings = tmp_path / "bad.yaml"
