@@ -10,7 +10,6 @@ document-causal block mask, which skips fully masked tiles; the mask is built ev
 `varlen` (FlashAttention's variable-length kernel on the flattened batch, where it exists in this torch).
 """
 
-import argparse
 import importlib.util
 import inspect
 import json
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from finetune import manifest  # noqa: E402
+from bench import arguments  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
 from finetune.architecture import config as architecture_config  # noqa: E402
@@ -119,9 +119,11 @@ def main(options) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     parser.add_argument("--size", default="15b")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq_length", type=int, default=2048)
-    parser.add_argument("--json", default="")
-    main(parser.parse_args())
+    parser.add_argument("--batch", type=arguments.at_least(1), default=4)
+    parser.add_argument("--seq_length", type=arguments.at_least(2), default=2048)
+    parser.add_argument("--json", type=arguments.output_file, default="")
+    options = parser.parse_args()
+    arguments.check_size(parser, "gpt_bigcode", options.size)
+    main(options)

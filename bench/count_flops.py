@@ -6,7 +6,6 @@ on the meta device: runs anywhere.
     python bench/count_flops.py --family starcoder2 --size 15b --seq_length 16384   # the 4,096-token window counts
 """
 
-import argparse
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import arguments  # noqa: E402
 from finetune import architecture, modeling  # noqa: E402
 from flops_counter import flops_per_token  # noqa: E402
 
@@ -37,13 +37,14 @@ def count(family: str, size: str, seq_length: int, lora_r: int) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     parser.add_argument("--family", default="gpt_bigcode", choices=list(architecture.FAMILIES))
     parser.add_argument("--size", default="15b")
-    parser.add_argument("--seq_length", type=int, default=2048)
-    parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--json", default="", help="also write the result here")
+    parser.add_argument("--seq_length", type=arguments.at_least(2), default=2048)
+    parser.add_argument("--lora_r", type=arguments.at_least(1), default=16)
+    parser.add_argument("--json", type=arguments.output_file, default="", help="also write the result here")
     options = parser.parse_args()
+    arguments.check_size(parser, options.family, options.size)
     result = count(options.family, options.size, options.seq_length, options.lora_r)
     model = result["model_flops_per_token"]
     print(f"{options.family}-{options.size}, LoRA r={options.lora_r} on {'+'.join(result['lora_targets'])}, seq "

@@ -15,6 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import arguments  # noqa: E402
 from bench.recipes import add_run_arguments, check_recipes, check_run_arguments, run_recipe, write_json  # noqa: E402
 from finetune import manifest  # noqa: E402
 
@@ -29,13 +30,20 @@ def run(recipe: str, gpus: int, options) -> dict:
                                                                           result["tokens_per_second"])}
 
 
+def gpu_counts(text: str) -> list[int]:
+    counts = [arguments.at_least(1)(part) for part in text.split(",")]
+    if counts[0] != 1 or len(set(counts)) < len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 first (the baseline), then other GPU counts once each")
+    return counts
+
+
 def main(options) -> list[dict]:
     header = manifest.provenance()
     print(json.dumps(header))
     results = []
     for recipe in options.recipes.split(","):
         single = None
-        for gpus in [int(n) for n in options.gpus.split(",")]:
+        for gpus in options.gpus:
             row = run(recipe, gpus, options)
             if "world_tokens_per_second" in row:
                 single = single or (row["world_tokens_per_second"] if gpus == 1 else None)
@@ -59,11 +67,12 @@ def main(options) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     add_run_arguments(parser)
     parser.set_defaults(steps=6)
     parser.add_argument("--recipes", default="fast", help="recipes of bench/recipes.py, comma-separated")
-    parser.add_argument("--gpus", default="1,2", help="GPU counts to run; 1 must come first, as the baseline")
+    parser.add_argument("--gpus", type=gpu_counts, default="1,2",
+                        help="GPU counts to run; 1 must come first, as the baseline")
     options = parser.parse_args()
     check_run_arguments(parser, options)
     check_recipes(parser, options.recipes)

@@ -23,7 +23,6 @@ quantization of its output, apart and in one pass (finetune/fp8_kernels.py).
 Per step = 40 (or the size's layer count) x the four block GEMMs + the LM head.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from finetune import fp8, fp8_kernels, lora_kernels, manifest  # noqa: E402
+from bench import arguments  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
 from finetune.architecture import config as architecture_config  # noqa: E402
@@ -218,11 +218,13 @@ def main(options) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     parser.add_argument("--size", default="15b")
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch x sequence length)")
-    parser.add_argument("--json", default="")
+    parser.add_argument("--tokens", type=arguments.at_least(1), default=8192,
+                        help="tokens per step (batch x sequence length)")
+    parser.add_argument("--json", type=arguments.output_file, default="")
     options = parser.parse_args()
+    arguments.check_size(parser, "gpt_bigcode", options.size)
     if fp8.unsupported_reason():
-        sys.exit(f"error: {fp8.unsupported_reason()}")
+        parser.error(fp8.unsupported_reason())
     main(options)

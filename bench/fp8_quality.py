@@ -12,7 +12,6 @@ Training losses come from the final checkpoint's log, held-out losses from manif
 relative difference over the logged steps and at the end.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import arguments  # noqa: E402
 from bench.recipes import write_json  # noqa: E402
 from finetune import checkpointing, manifest  # noqa: E402
 from finetune.errors import child_failure  # noqa: E402
@@ -89,11 +89,14 @@ def main(options) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     parser.add_argument("--model", required=True, help="a StarCoder checkpoint directory (bench/starcoder_shapes.py)")
     parser.add_argument("--base", default="16bit", choices=list(RUNS),
                         help="16bit: a bf16 base against an FP8 one; 4bit: an NF4 base's matmuls in bf16 and in FP8")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--json", default="")
-    parser.add_argument("--plot", default="")
-    main(parser.parse_args())
+    parser.add_argument("--steps", type=arguments.at_least(10), default=200, help="losses are logged every 10")
+    parser.add_argument("--json", type=arguments.output_file, default="")
+    parser.add_argument("--plot", type=arguments.output_file, default="")
+    options = parser.parse_args()
+    if not os.path.isfile(os.path.join(options.model, "config.json")):
+        parser.error(f"--model {options.model!r} holds no config.json; write one with bench/starcoder_shapes.py")
+    main(options)

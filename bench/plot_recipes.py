@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 import sys
 
 import matplotlib
@@ -11,10 +12,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import arguments  # noqa: E402
 
-def plot(results_path: str, png_path: str) -> None:
-    run = json.load(open(results_path))
-    rows = sorted((r for r in run["results"] if "tokens_per_second" in r), key=lambda r: r["tokens_per_second"])
+
+def measured_rows(results_path: str) -> tuple[dict, list[dict]]:
+    """The run's header and its measured rows, slowest first; ValueError for a file bench/recipes.py did not write,
+    or one with no measured recipe."""
+    try:
+        run = json.load(open(results_path))
+        rows = [r for r in run["results"] if "tokens_per_second" in r]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{results_path!r} is not a bench/recipes.py JSON file ({error})") from None
+    if not rows:
+        raise ValueError(f"{results_path!r} holds no measured recipe; nothing to plot")
+    return run, sorted(rows, key=lambda r: r["tokens_per_second"])
+
+
+def plot(run: dict, rows: list[dict], png_path: str) -> None:
     figure, axes = plt.subplots(figsize=(8, 4.5))
     ours = ("fast", "fp8", "lean")  # the recipes of docs/PERFORMANCE.md; the rest are the references
     bars = axes.barh([r["recipe"] for r in rows], [r["tokens_per_second"] for r in rows],
@@ -31,4 +46,12 @@ def plot(results_path: str, png_path: str) -> None:
 
 
 if __name__ == "__main__":
-    plot(sys.argv[1], sys.argv[2])
+    parser = arguments.parser(__doc__)
+    parser.add_argument("results", help="a bench/recipes.py --json file")
+    parser.add_argument("png", type=arguments.output_file, help="the chart to write")
+    options = parser.parse_args()
+    try:
+        run, rows = measured_rows(options.results)
+    except ValueError as error:
+        parser.error(str(error))
+    plot(run, rows, options.png)

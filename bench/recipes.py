@@ -35,6 +35,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import arguments  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
 from finetune import cli, manifest  # noqa: E402
 from finetune.errors import child_failure  # noqa: E402
@@ -229,8 +230,8 @@ def recipe_and_cap(entry: str, default_cap: float) -> tuple[str, float]:
     """`NAME` or `NAME@GIB` of --recipes: a recipe and the GPU memory it runs under (`fp8,lean@16`: one table with
     each recipe on its own card's memory); without `@`, --memory_cap_gib's. ValueError for anything else."""
     name, at, cap = entry.partition("@")
-    if name not in RECIPES or at and not cap.replace(".", "", 1).isdigit():
-        raise ValueError(f"{entry!r} is not NAME or NAME@GIB with NAME from {', '.join(RECIPES)}")
+    if name not in RECIPES or at and not (cap.replace(".", "", 1).isdigit() and float(cap) > 0):
+        raise ValueError(f"{entry!r} is not NAME or NAME@GIB (GIB above 0) with NAME from {', '.join(RECIPES)}")
     return name, float(cap) if at else default_cap
 
 
@@ -470,25 +471,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", default="gpt_bigcode", choices=list(FAMILIES),
                         help="the architecture: gpt_bigcode (StarCoder) or starcoder2; the others are tiny only")
     parser.add_argument("--size", default="15b", help="a size of the family: 15b, 7b, 3b, 1b (StarCoder), tiny")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rates")
-    parser.add_argument("--seq_length", type=int, default=0, help="override every recipe's sequence length")
-    parser.add_argument("--batch_size", type=int, default=0, help="override every recipe's batch size")
+    parser.add_argument("--steps", type=arguments.at_least(1), default=5, help="measured steps per run")
+    parser.add_argument("--warmup", type=arguments.at_least(0), default=2, help="steps excluded from the rates")
+    parser.add_argument("--seq_length", type=arguments.at_least(0), default=0,
+                        help="override every recipe's sequence length")
+    parser.add_argument("--batch_size", type=arguments.at_least(0), default=0,
+                        help="override every recipe's batch size")
     parser.add_argument("--data", default="pairs", choices=list(DATA),
                         help="example lengths: pairs (80-600 tokens, CodeAlpaca-like) or files (2,000-8,000 tokens)")
-    parser.add_argument("--fim_rate", type=float, default=0.0, help="share of packed examples in FIM form")
-    parser.add_argument("--memory_cap_gib", type=float, default=0.0,
+    parser.add_argument("--fim_rate", type=arguments.share, default=0.0, help="share of packed examples in FIM form")
+    parser.add_argument("--memory_cap_gib", type=arguments.gib, default=0.0,
                         help="cap each run's GPU memory at this many GiB (a smaller card's, on this one)")
-    parser.add_argument("--json", default="", help="write the header and results here")
+    parser.add_argument("--json", type=arguments.output_file, default="", help="write the header and results here")
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, options) -> None:
-    from finetune.architecture import FAMILIES
-
-    if options.size not in FAMILIES[options.family].sizes:
-        parser.error(f"--size {options.size}: {options.family} has {', '.join(FAMILIES[options.family].sizes)}")
-    if not 0 <= options.memory_cap_gib < float("inf"):
-        parser.error(f"--memory_cap_gib {options.memory_cap_gib}: a number of GiB (0: no cap)")
+    arguments.check_size(parser, options.family, options.size)
+    if options.seq_length == 1:
+        parser.error("--seq_length must be 0 (each recipe's own) or at least 2 (a token and the one it predicts)")
 
 
 def check_recipes(parser: argparse.ArgumentParser, recipes: str) -> None:
@@ -539,7 +539,7 @@ def main(options) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     add_run_arguments(parser)
     parser.add_argument("--recipes", default="tutorial,qlora,bf16_lora,fast,lean",
                         help=f"from {', '.join(RECIPES)}; NAME@GIB runs one under that much GPU memory (its card's)")
@@ -548,7 +548,8 @@ if __name__ == "__main__":
                              "FlopCounterMode: independent checks of the callback's TFLOP/s")
     parser.add_argument("--profile", default="",
                         help="recipes to profile the last warm-up step of (comma-separated; needs --warmup 1 or more)")
-    parser.add_argument("--profile_dir", default=".", help="where the profile tables and timelines go")
+    parser.add_argument("--profile_dir", type=arguments.output_dir, default=".",
+                        help="where the profile tables and timelines go")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     options = parser.parse_args()
     check_run_arguments(parser, options)
@@ -562,4 +563,8 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
     else:
+        listed = {recipe_and_cap(entry, 0)[0] for entry in options.recipes.split(",")}
+        unlisted = sorted(set(options.profile.split(",")) - listed) if options.profile else []
+        if unlisted:
+            parser.error(f"--profile {options.profile}: {', '.join(unlisted)} is not in --recipes")
         main(options)

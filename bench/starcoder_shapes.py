@@ -5,12 +5,12 @@
     python bench/starcoder_shapes.py --family starcoder2 --size 3b --save /tmp/starcoder2-3b
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from finetune.architecture import FAMILIES, config  # noqa: E402
+from bench import arguments  # noqa: E402
+from finetune.architecture import config  # noqa: E402
 
 TOKENIZERS = {"gpt_bigcode": "tiny-starcoder", "starcoder2": "tiny-starcoder2"}  # the family's special tokens
 
@@ -31,11 +31,10 @@ def save_random_checkpoint(family: str, size: str, directory: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments.parser(__doc__)
     parser.add_argument("--family", default="gpt_bigcode", choices=list(TOKENIZERS))
     parser.add_argument("--size", default="1b")
-    parser.add_argument("--save", required=True, help="directory to write")
+    parser.add_argument("--save", type=arguments.output_dir, required=True, help="directory to write")
     options = parser.parse_args()
-    if options.size not in FAMILIES[options.family].sizes:
-        parser.error(f"--size {options.size}: {options.family} has {', '.join(FAMILIES[options.family].sizes)}")
+    arguments.check_size(parser, options.family, options.size)
     save_random_checkpoint(options.family, options.size, options.save)

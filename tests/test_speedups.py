@@ -132,7 +132,8 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "bench/recipes.py", "--size", "tiny", "--recipes",
                            "fast,tutorial@24,lean_off20,lean_fp8", "--steps", "1", "--warmup", "1",
-                           "--seq_length", "32", "--json", str(out)],
+                           "--seq_length", "32", "--json", str(out), "--profile", "lean_off20",
+                           "--profile_dir", str(tmp_path)],  # a recipe outside the default list (profiled on GPUs)
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
@@ -162,6 +163,27 @@ def test_bench_refuses_a_recipe_it_does_not_have(script, entry):
     done = subprocess.run([sys.executable, script, "--size", "tiny", "--recipes", f"fp8,{entry}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and f"{entry!r} is not NAME or NAME@GIB" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench/recipes.py", "--steps", "0"], "argument --steps: must be 1 or more, got 0"),
+    (["bench/recipes.py", "--fim_rate", "nan"], "argument --fim_rate: must be a share"),
+    (["bench/recipes.py", "--json", "{tmp}/missing/table.json"], "is not a directory; create it first"),
+    (["bench/recipes.py", "--recipes", "fast", "--profile", "lean"], "--profile lean: lean is not in --recipes"),
+    (["bench/recipes.py", "--profile_dir", "{tmp}/a-file"], "is a file; give a directory"),
+    (["bench/ddp_scaling.py", "--gpus", "2,1"], "give 1 first (the baseline)"),
+    (["bench/attention_kernels.py", "--size", "16b"], "--size 16b: gpt_bigcode has 15b, 7b"),
+    (["bench/count_flops.py", "--lora_r", "0"], "argument --lora_r: must be 1 or more"),
+    (["bench/fp8_quality.py", "--model", "{tmp}"], "holds no config.json"),
+    (["bench/plot_recipes.py", "{tmp}/a-file", "{tmp}/chart.png"], "is not a bench/recipes.py JSON file"),
+])
+def test_every_bench_refuses_a_bad_value_in_one_line_before_it_runs(tmp_path, argv, message):
+    (tmp_path / "a-file").write_text("x")
+    done = subprocess.run([sys.executable, *(part.format(tmp=tmp_path) for part in argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith("error: "), done.stderr[-2000:]
+    assert message in done.stderr and "usage:" not in done.stderr, done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"] and not done.stdout
 
 
 def test_the_step_profile_charges_each_idle_gap_to_the_kernel_that_ran_next():
