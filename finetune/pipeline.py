@@ -58,6 +58,9 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
         args.dataset_split, args.eval_dataset, args.eval_split, args.extensions, args.max_file_bytes)
     completion_only = data.has_prompts(train_examples) if args.completion_only_loss is None \
         else args.completion_only_loss
+    if completion_only and not data.has_prompts(train_examples):
+        raise UsageError(f"--completion_only_loss true needs prompts, and {args.dataset!r} is {data_format} data "
+                         f"with none: every token is trained already; leave out --completion_only_loss")
     per_example = args.packing and args.packed_attention == "per_example"
     append_eos = data_format != "chat_template"  # a chat template ends each turn itself
     fim_options = fim.options(args, tokenizer, data_format)

@@ -158,9 +158,10 @@ def test_the_held_out_split_is_by_file_and_the_run_reports_infilling(fim_run, ca
     assert 0 <= metrics["fim_adapter_exact_match"] <= 1
 
 
-def test_fim_is_refused_where_it_cannot_apply(tree, tmp_path, capsys, few_examples):
+def test_fim_and_completion_only_loss_are_refused_where_they_cannot_apply(tree, tmp_path, capsys, few_examples):
     cases = [(["--model", "tiny-llama", "--dataset", str(tree), "--fim_rate", "0.5"], "has no fill-in-the-middle"),
-             (["--dataset", few_examples, "--fim_rate", "0.5"], "this data is question answer data")]
+             (["--dataset", few_examples, "--fim_rate", "0.5"], "this data is question answer data"),
+             (["--dataset", str(tree), "--completion_only_loss", "true"], "is text data with none")]
     for extra, message in cases:
         argv = ["--model", "tiny-starcoder", "--report_to", "none", "--output_dir", str(tmp_path / "out")]
         from conftest import with_flags
