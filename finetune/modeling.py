@@ -47,6 +47,9 @@ def check_model(model: str, seq_length: int, token: str | None = None):
     looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1  # a Hub id is `namespace/name`
     if looks_local and not os.path.exists(model):
         raise UsageError(f"could not load model {model!r}: the path does not exist")
+    if os.path.isfile(model):
+        raise UsageError(f"--model {model!r} is a file; give the model's directory (its config.json and weights) "
+                         f"or a Hub id")
     try:
         config = AutoConfig.from_pretrained(resolve(model), token=token)
         shapes = {}

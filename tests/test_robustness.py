@@ -95,6 +95,7 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
     (lambda d: ["--model", str(d / "cut-short")], "could not load model"),
     (lambda d: ["--model", str(d / "bert")], "is a BertForMaskedLM, not a causal language model"),
     (lambda d: ["--model", str(d / "no-such-model")], "the path does not exist"),
+    (lambda d: ["--model", _write(d / "weights.safetensors", "x")], "is a file; give the model's directory"),
     (lambda d: ["--output_dir", ""], "--output_dir must not be empty"),
     (lambda d: ["--output_dir", "/proc/no-such/out"], "cannot be written"),
     (lambda d: ["--hf_tok", "PLANTEDtokenWithoutPrefix"], "unknown arguments"),
