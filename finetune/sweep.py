@@ -89,13 +89,20 @@ class SweepArguments:
                                                  _boolean, "true or false")
         if self.sweep_index < -1:
             raise UsageError(f"--sweep_index must be 0 or more (or -1 for the whole sweep), got {self.sweep_index}")
+        if self.merge_results and (self.configurations_listed or self.sweep_index >= 0):
+            raise UsageError("--merge_results merges results already measured and runs nothing; leave out the "
+                             "--sweep_* settings, or run the sweep first")
         if self.auto and self.sweep_index >= 0:
             raise UsageError("--sweep_batch_sizes auto runs sequentially; list the batch sizes to use --sweep_index")
 
     @property
+    def configurations_listed(self) -> bool:
+        return bool(self.auto or self.batch_sizes or self.worker_counts or self.pin_memory_choices
+                    or self.packing_choices or self.checkpointing_choices)
+
+    @property
     def requested(self) -> bool:
-        return bool(self.merge_results or self.auto or self.batch_sizes or self.worker_counts
-                    or self.pin_memory_choices or self.packing_choices or self.checkpointing_choices)
+        return bool(self.merge_results) or self.configurations_listed
 
 
 def config_name(config: dict) -> str:
@@ -103,8 +110,8 @@ def config_name(config: dict) -> str:
         **config)
 
 
-def read_result(path: Path) -> dict | None:
-    """A configuration's result.json, or None: absent, or damaged (one warning line; it is measured again)."""
+def read_result(path: Path, if_damaged: str) -> dict | None:
+    """A configuration's result.json, or None: absent, or damaged (one warning line, ending with `if_damaged`)."""
     if not path.is_file() or path.is_symlink():
         return None
     try:
@@ -113,7 +120,7 @@ def read_result(path: Path) -> dict | None:
             return row
     except (OSError, UnicodeDecodeError, ValueError):
         pass
-    print(f"warning: {path} is not a result this sweep wrote; measuring its configuration again", flush=True)
+    print(f"warning: {path} is not a result this sweep wrote; {if_damaged}", flush=True)
     return None
 
 
@@ -151,7 +158,7 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
     """Train one configuration in a fresh process (an OOM or crash is contained, no memory carries over), echoing its
     log lines; a SIGTERM/SIGINT to this process is passed on to it."""
     directory = os.path.join(sweep_dir, config_name(config))
-    measured = read_result(Path(directory) / RESULT)
+    measured = read_result(Path(directory) / RESULT, "measuring its configuration again")
     if measured and measured["status"] in FINISHED and not args.overwrite_output_dir:
         print(f"[sweep {label}] {config_name(config)}: measured already ({measured['status']}); "
               f"--overwrite_output_dir measures it again", flush=True)
@@ -238,7 +245,7 @@ def run(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
                 if row["status"] != "ok" or row["tokens_per_second"] < previous * AUTO_MIN_GAIN:
                     break
                 base, previous = dict(base, batch_size=base["batch_size"] * 2), row["tokens_per_second"]
-    return merge([args.output_dir], args.output_dir, speed.memory_budget_gib)
+    return merge(collect([args.output_dir]), args.output_dir, speed.memory_budget_gib)
 
 
 def main(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
@@ -248,10 +255,11 @@ def main(script: str, args, speed, sweeping: SweepArguments) -> list[dict]:
         missing = [d for d in sweeping.merge_results if not Path(d).is_dir()]
         if missing:
             raise UsageError(f"--merge_results: {', '.join(missing)} is not a directory")
-        if not collect(sweeping.merge_results):
+        rows = collect(sweeping.merge_results)
+        if not rows:
             raise UsageError(f"--merge_results: no {RESULT} in {', '.join(sweeping.merge_results)} or one level "
                              f"below; point it at the sweep jobs' output directories")
-        return merge(sweeping.merge_results, args.output_dir, speed.memory_budget_gib)
+        return merge(rows, args.output_dir, speed.memory_budget_gib)
     check_inputs(args)
     tracking.choose_mode(args)  # the children inherit these settings
     tracking.configure(args)
@@ -288,7 +296,7 @@ def collect(directories: list[str]) -> list[dict]:
     rows = {}
     for directory in directories:
         for path in [Path(directory) / RESULT, *sorted(Path(directory).glob(f"*/{RESULT}"))]:
-            row = read_result(path)
+            row = read_result(path, "leaving it out of the table")
             if row is not None:
                 rows[row["name"]] = row
     return sorted(rows.values(), key=lambda row: [row[axis] for axis in AXES[1:]] + [row["batch_size"]])
@@ -358,10 +366,9 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
-def merge(directories: list[str], out_dir: str, memory_budget_gib: float = 0.0) -> list[dict]:
-    """Write results.csv, results.json and the plots for the results found in `directories`; print the table and
-    the recommendation."""
-    rows = collect(directories)
+def merge(rows: list[dict], out_dir: str, memory_budget_gib: float = 0.0) -> list[dict]:
+    """Write results.csv, results.json and the plots for the results (`collect`'s); print the table and the
+    recommendation."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_atomically(Path(out_dir) / "results.json", json.dumps(rows, indent=1))
     table = io.StringIO()

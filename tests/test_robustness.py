@@ -712,6 +712,20 @@ def test_a_rerun_sweep_measures_no_finished_configuration_again(tmp_path, capsys
         assert result.read_bytes() == measured
 
 
+def test_merging_leaves_a_damaged_result_out_of_the_table_with_one_warning(tmp_path, capsys):
+    from finetune import sweep
+
+    config = dict(batch_size=2, num_workers=0, pin_memory=True, packing=False, gradient_checkpointing=False)
+    sweep.write_result(str(tmp_path / "pod-0"), config, "ok", {"tokens_per_second": 100.0, "model_tflops": 1.0})
+    _write(tmp_path / "pod-1" / "result.json", '{"name": "bs4-w0-pin1-pack0-ckpt0"')  # cut short by a lost node
+    rows = karpathy_speedups_example.main(tiny_args(tmp_path / "merged"), karpathy_speedups_example.SpeedupArguments(),
+                                          SweepArguments(merge_results=[str(tmp_path)]))
+    assert [row["name"] for row in rows] == ["bs2-w0-pin1-pack0-ckpt0"]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'pod-1' / 'result.json'} is not a result this sweep wrote; leaving it "
+                        f"out of the table"]
+
+
 SWEEP_INPUTS = [
     (lambda d: ["--dataset", str(d / "missing.jsonl"), "--sweep_batch_sizes", "2"], "does not exist"),
     (lambda d: ["--merge_results", str(d / "nowhere")], "is not a directory"),
@@ -720,6 +734,7 @@ SWEEP_INPUTS = [
     (lambda d: ["--sweep_batch_sizes", "2,4,2"], "lists 2 more than once"),
     (lambda d: ["--sweep_batch_sizes", "4096"], "'4096' is not a positive integer"),
     (lambda d: ["--num_train_epochs", "2", "--sweep_batch_sizes", "2"], "give --max_train_steps"),
+    (lambda d: ["--merge_results", str(d), "--sweep_batch_sizes", "2"], "leave out the --sweep_* settings"),
     (lambda d: ["--max_train_steps", "2", "--sweep_batch_sizes", "1,2"], "--max_train_steps 2 leaves none"),
 ]
 
