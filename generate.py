@@ -98,6 +98,12 @@ class GenerateArguments:
                     "--prompt_column and --completion_column name --dataset's columns; give --dataset too")
         cli.require(self.num_samples == 1 or not self.humaneval_infilling,
                     "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
+        tasks = [flag for flag, given in (("--prompt", self.prompt), ("--prompts_file", self.prompts_file),
+                                          ("--prefix/--suffix", self.infilling), ("--evaluate", self.evaluate),
+                                          ("--humaneval", self.humaneval),
+                                          ("--humaneval_infilling", self.humaneval_infilling)) if given]
+        cli.require(not (self.merge and tasks), f"--merge saves the merged model and does nothing else; give "
+                                                f"{', '.join(tasks)} in another command")
         self.dataset = cli.local_path(self.dataset) if self.dataset else ""
 
     @property
@@ -162,8 +168,10 @@ def main(args: GenerateArguments):
     if args.merge:
         target = inference.check_merged_dir(args.merged_dir, args.adapter, args.overwrite_merged_dir)
         return inference.merge(args.adapter, base_name, target)
-    prompts = list(args.prompt) + (inference.read_lines(args.prompts_file, "--prompts_file") if args.prompts_file
-                                   else [])
+    from_file = inference.read_lines(args.prompts_file, "--prompts_file") if args.prompts_file else []
+    if args.prompts_file and not from_file:
+        raise UsageError(f"--prompts_file {args.prompts_file!r} holds no prompt; write one prompt per line")
+    prompts = list(args.prompt) + from_file
     prefix = inference.read_text(args.prefix_file, "--prefix_file") if args.prefix_file else args.prefix
     suffix = inference.read_text(args.suffix_file, "--suffix_file") if args.suffix_file else args.suffix
     if not (prompts or args.infilling or args.evaluate or args.humaneval or args.humaneval_infilling):
