@@ -9,6 +9,7 @@ on the meta device: runs anywhere.
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import arguments  # noqa: E402
 from finetune import architecture, modeling  # noqa: E402
+from finetune.files import write_atomically  # noqa: E402
 from flops_counter import flops_per_token  # noqa: E402
 
 
@@ -54,4 +56,4 @@ if __name__ == "__main__":
     for name, value in result["breakdown"].items():
         print(f"    {name:40s} {value / 1e9:8.1f}")
     if options.json:
-        json.dump(result, open(options.json, "w"), indent=1)
+        write_atomically(Path(options.json), json.dumps(result, indent=1))

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,7 @@ from bench import arguments  # noqa: E402
 from bench.timing import milliseconds  # noqa: E402
 from finetune import cli, manifest  # noqa: E402
 from finetune.errors import child_failure  # noqa: E402
+from finetune.files import write_atomically  # noqa: E402
 from flops_counter import peak_tflops  # noqa: E402
 
 # Each recipe: TrainArguments values, as the scripts' --recipe presets (finetune/cli.py) plus variants. "tutorial" is
@@ -454,9 +456,9 @@ def run_recipe(name: str, options, launcher: tuple = (), extra: tuple = ()) -> d
 
 
 def write_json(path: str, header: dict, results: list[dict]) -> None:
+    """After each recipe, whole: a reader, or a run stopped mid-write, finds the last complete table."""
     if path:
-        with open(path, "w") as f:
-            json.dump({**header, "results": results}, f, indent=1)
+        write_atomically(Path(path), json.dumps({**header, "results": results}, indent=1))
 
 
 RUN_ARGUMENTS = ("family", "size", "steps", "warmup", "seq_length", "batch_size", "data", "fim_rate",

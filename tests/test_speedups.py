@@ -136,6 +136,7 @@ def test_bench_runs_recipes_on_cpu(tmp_path):
                            "--profile_dir", str(tmp_path)],  # a recipe outside the default list (profiled on GPUs)
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert [path.name for path in tmp_path.iterdir()] == ["bench.json"]  # written whole each time, no temporary left
     results = json.loads(out.read_text())
     assert results["versions"]["torch"] and results["versions"]["transformers"] and results["device"]
     assert results["host"]["cpu"] and results["host"]["cores"] >= 1
