@@ -284,7 +284,8 @@ def check_inputs(args) -> None:
                          "--num_train_epochs")
     if args.max_train_steps <= WARMUP_STEPS:
         raise UsageError(f"a sweep measures the steps after the first {WARMUP_STEPS} (warm-up) and --max_train_steps "
-                         f"{args.max_train_steps} leaves none; give --max_train_steps {WARMUP_STEPS + 5} or more (5 measured)")
+                         f"{args.max_train_steps} leaves none; give --max_train_steps {WARMUP_STEPS + 5} or more "
+                         f"(5 measured)")
     checkpointing.check_output_dir(args.output_dir)
     modeling.check_model(args.model, args.seq_length, args.hf_token or None)
     data.load_examples(args.dataset, args.prompt_column, args.completion_column, args.hf_token or None,
