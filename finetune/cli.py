@@ -288,6 +288,8 @@ class TrainArguments:
         check_given(model=self.model, dataset=self.dataset, output_dir=self.output_dir,
                     prompt_column=self.prompt_column, completion_column=self.completion_column,
                     wandb_project=self.wandb_project, dataset_split=self.dataset_split)
+        problem = environment.wandb_project_problem(self.wandb_project)
+        require(not problem, f"--wandb_project {self.wandb_project!r} {problem}; give another name")
         if self.max_train_steps is None and self.num_train_epochs is None:
             self.max_train_steps = DEFAULT_STEPS
         # Every count bounded by what it means; the data and the model bound batch, rank and length once known.

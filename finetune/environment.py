@@ -14,6 +14,15 @@ BOOLEANS = ("", "0", "1", "false", "true", "no", "yes", "off", "on")
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 
+def wandb_project_problem(name: str) -> str | None:
+    """What W&B would refuse in a project name, when the run starts, after files are written (wandb 0.31's
+    wandb_settings.validate_project): more than 128 characters, or any of / \\ # ? % :."""
+    if len(name) > 128:
+        return f"is {len(name)} characters long; W&B takes at most 128"
+    forbidden = "".join(c for c in "/\\#?%:" if c in name)
+    return f"holds {forbidden!r}, which W&B refuses in a project name" if forbidden else None
+
+
 def _directory(variable: str, default: Path | None = None) -> None:
     value = os.environ.get(variable)
     path = Path(value) if value else default
@@ -56,6 +65,9 @@ def check(uses_wandb: bool) -> None:
         for name in ("WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_RUN_GROUP"):
             if name in os.environ and not os.environ[name].strip():
                 raise UsageError(f"${name} is set but empty; unset it, or give it a value")
+        problem = wandb_project_problem(os.environ.get("WANDB_PROJECT", ""))
+        if problem:
+            raise UsageError(f"$WANDB_PROJECT {problem}; unset it, or give a name W&B takes")
         url = os.environ.get("WANDB_BASE_URL")
         if url and not url.startswith(("http://", "https://")):
             raise UsageError(f"$WANDB_BASE_URL must be an http:// or https:// address, got {url!r}")
