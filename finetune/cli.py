@@ -288,8 +288,9 @@ class TrainArguments:
         check_given(model=self.model, dataset=self.dataset, output_dir=self.output_dir,
                     prompt_column=self.prompt_column, completion_column=self.completion_column,
                     wandb_project=self.wandb_project, dataset_split=self.dataset_split)
-        problem = environment.wandb_project_problem(self.wandb_project)
-        require(not problem, f"--wandb_project {self.wandb_project!r} {problem}; give another name")
+        # the names W&B refuses (wandb_settings.validate_project), refused here before anything is written
+        require(len(self.wandb_project) <= 128 and not set(self.wandb_project) & set("/\\#?%:"),
+                f"--wandb_project {self.wandb_project!r}: W&B takes at most 128 characters, none of / \\ # ? % :")
         if self.max_train_steps is None and self.num_train_epochs is None:
             self.max_train_steps = DEFAULT_STEPS
         # Every count bounded by what it means; the data and the model bound batch, rank and length once known.

@@ -6,21 +6,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .files import writable
 
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run")
 BOOLEANS = ("", "0", "1", "false", "true", "no", "yes", "off", "on")
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-
-
-def wandb_project_problem(name: str) -> str | None:
-    """What W&B would refuse in a project name, when the run starts, after files are written (wandb 0.31's
-    wandb_settings.validate_project): more than 128 characters, or any of / \\ # ? % :."""
-    if len(name) > 128:
-        return f"is {len(name)} characters long; W&B takes at most 128"
-    forbidden = "".join(c for c in "/\\#?%:" if c in name)
-    return f"holds {forbidden!r}, which W&B refuses in a project name" if forbidden else None
 
 
 def _directory(variable: str, default: Path | None = None) -> None:
@@ -31,6 +22,22 @@ def _directory(variable: str, default: Path | None = None) -> None:
     why = writable(path) if path is not None else None
     if why:
         raise UsageError(f"${variable} ({path}) cannot be written ({why}); point it at a writable directory")
+
+
+def _wandb_accepts_its_variables() -> None:
+    """W&B checks its WANDB_* variables (a project name, tags, a run id) only as the run starts, after files are
+    written: ask it now."""
+    import pydantic
+    import wandb
+
+    try:
+        wandb.Settings().update_from_env_vars(dict(os.environ))
+    except wandb.errors.UsageError as error:
+        raise UsageError(f"W&B refuses a WANDB_* variable: {first_line(error)}; fix or unset it") from None
+    except pydantic.ValidationError as error:
+        problem = error.errors()[0]
+        raise UsageError(f"W&B refuses a WANDB_* variable (its {problem['loc'][0]} setting): {problem['msg']}; fix "
+                         f"or unset it") from None
 
 
 def check(uses_wandb: bool) -> None:
@@ -65,10 +72,8 @@ def check(uses_wandb: bool) -> None:
         for name in ("WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_RUN_GROUP"):
             if name in os.environ and not os.environ[name].strip():
                 raise UsageError(f"${name} is set but empty; unset it, or give it a value")
-        problem = wandb_project_problem(os.environ.get("WANDB_PROJECT", ""))
-        if problem:
-            raise UsageError(f"$WANDB_PROJECT {problem}; unset it, or give a name W&B takes")
         url = os.environ.get("WANDB_BASE_URL")
         if url and not url.startswith(("http://", "https://")):
             raise UsageError(f"$WANDB_BASE_URL must be an http:// or https:// address, got {url!r}")
+        _wandb_accepts_its_variables()
 
