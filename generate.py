@@ -98,6 +98,8 @@ class GenerateArguments:
                     "--prompt_column and --completion_column name --dataset's columns; give --dataset too")
         cli.require(self.num_samples == 1 or not self.humaneval_infilling,
                     "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
+        cli.require(self.num_samples == 1 or self.humaneval, "--num_samples is HumanEval's completions per problem; "
+                                                             "give --humaneval too, or leave --num_samples out")
         tasks = [flag for flag, given in (("--prompt", self.prompt), ("--prompts_file", self.prompts_file),
                                           ("--prefix/--suffix", self.infilling), ("--evaluate", self.evaluate),
                                           ("--humaneval", self.humaneval),

@@ -282,6 +282,7 @@ GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
                    str(Path(_write(d / "config.json", "{}")).parent)], "holds files that --merge did not write"),
     (lambda a, d: ["--adapter", str(a)], "nothing to do"),
     (lambda a, d: ["--adapter", str(a), "--prompts_file", _write(d / "blank.txt", "\n  \n")], "holds no prompt"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--num_samples", "2"], "give --humaneval too"),
     (lambda a, d: ["--adapter", str(a), "--merge", "--merged_dir", str(d / "merged"), "--prompt", "x", "--evaluate"],
      "--merge saves the merged model and does nothing else; give --prompt, --evaluate in another command"),
     (lambda a, d: ["--adapter", str(a), "--humaneval_limit", "-1"], "--humaneval_limit must be"),
