@@ -125,9 +125,16 @@ def comparable(args, data_fingerprint: str) -> dict:
     return {**values, "data_fingerprint": data_fingerprint}
 
 
-def check_output_dir(output_dir: str) -> None:
-    """An output directory that is a file, a link, inside another run's directory or checkpoint, or that cannot be
-    created or written, stops the run before anything else."""
+# What a directory holds that is not the user's, before a run's first checkpoint records the run there: the lock,
+# the staging area, W&B's id and folder, a sweep configuration's result.json; and a volume's lost+found.
+NOT_THE_USERS = {LOCK, STAGING, "wandb_run_id", "wandb", "result.json", "lost+found"}
+
+
+def check_output_dir(output_dir: str, ours=holds_run) -> None:
+    """An output directory that is a file, a link, inside another run's directory or checkpoint, that cannot be
+    created or written, or that holds the user's files and nothing of this toolkit's (`ours`: a run; for a sweep, its
+    results), stops the run before anything else: a model card, an adapter and checkpoints written among the user's
+    files (into `.`, a home directory or `/`) would mix with them, or replace one of the same name."""
     path = Path(output_dir).absolute()
     if path.is_symlink():
         raise UsageError(f"--output_dir {output_dir!r} is a symbolic link; give the directory it points to")
@@ -142,6 +149,11 @@ def check_output_dir(output_dir: str) -> None:
     why = files.writable(path)
     if why:
         raise UsageError(f"--output_dir {output_dir!r} cannot be written ({why})")
+    theirs = sorted(p.name for p in path.iterdir() if p.name not in NOT_THE_USERS) if path.is_dir() else []
+    if theirs and not ours(path):
+        raise UsageError(f"--output_dir {output_dir!r} holds files this toolkit did not write "
+                         f"({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}) and no run; give a new or "
+                         f"empty directory")
 
 
 def read_manifest(output_dir: str, warn: bool = True) -> dict | None:

@@ -29,6 +29,7 @@ METRICS = ["tokens_per_second", "samples_per_second", "model_tflops", "mfu", "pe
            "step_time_spread"]
 COLUMNS = ["name", *AXES, "status", "error", *METRICS]
 RESULT = "result.json"
+RESULTS = "results.json"  # the table of every configuration
 FINISHED = ("ok", "oom", "error")  # a configuration measured (or failed for good); "stopped" is measured again
 AUTO_MAX_BATCH = 1024
 AUTO_MIN_GAIN = 1.03  # doubling the batch must buy 3% more tokens/s to keep going
@@ -286,7 +287,8 @@ def check_inputs(args) -> None:
         raise UsageError(f"a sweep measures the steps after the first {WARMUP_STEPS} (warm-up) and --max_train_steps "
                          f"{args.max_train_steps} leaves none; give --max_train_steps {WARMUP_STEPS + 5} or more "
                          f"(5 measured)")
-    checkpointing.check_output_dir(args.output_dir)
+    checkpointing.check_output_dir(args.output_dir, ours=lambda path: (path / RESULTS).is_file()
+                                   or any(path.glob(f"*/{RESULT}")))
     modeling.check_model(args.model, args.seq_length, args.hf_token or None)
     data.load_examples(args.dataset, args.prompt_column, args.completion_column, args.hf_token or None,
                        modeling.load_tokenizer(args.model, args.hf_token or None), args.dataset_split)
@@ -371,7 +373,7 @@ def merge(rows: list[dict], out_dir: str, memory_budget_gib: float = 0.0) -> lis
     """Write results.csv, results.json and the plots for the results (`collect`'s); print the table and the
     recommendation."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_atomically(Path(out_dir) / "results.json", json.dumps(rows, indent=1))
+    write_atomically(Path(out_dir) / RESULTS, json.dumps(rows, indent=1))
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

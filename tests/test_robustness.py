@@ -612,15 +612,22 @@ def test_a_damaged_wandb_id_starts_a_new_wandb_run_and_a_directory_there_is_refu
 
 
 # -- nothing destructive touches what the toolkit did not write ----------------------------------------------------
-def test_overwrite_of_a_directory_that_never_held_a_run_keeps_the_users_files(tmp_path, capsys):
+def test_a_directory_of_the_users_files_is_refused_even_with_overwrite(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
-    for name in ("README.md", "result.json", "notes.txt", "adapter_config.json"):
+    for name in ("README.md", "notes.txt", "adapter_config.json"):  # a model card and an adapter would replace two
         (out / name).write_text(f"the user's own {name}")
-    done = rerun(capsys, out, "--overwrite_output_dir")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "notes.txt").read_text() == "the user's own notes.txt"
-    assert (out / "result.json").read_text() == "the user's own result.json"
+    before = _snapshot(out)
+    for extra in ((), ("--overwrite_output_dir",)):
+        done = rerun(capsys, out, *extra)
+        assert done.returncode == 2 and "holds files this toolkit did not write (README.md, adapter_config.json, " \
+            "notes.txt) and no run; give a new or empty directory" in done.stderr, done.stderr
+        assert _snapshot(out) == before
+    for name in ("README.md", "notes.txt", "adapter_config.json"):  # what a run leaves before its first checkpoint
+        (out / name).unlink()
+    (out / "wandb_run_id").write_text("abcd1234")
+    (out / ".lock").write_text("pid 1 on a lost node")
+    assert rerun(capsys, out).returncode == 0
 
 
 def test_overwrite_removes_the_previous_runs_files_and_only_those(finished_run, tmp_path, capsys):
@@ -743,6 +750,8 @@ SWEEP_INPUTS = [
     (lambda d: ["--sweep_batch_sizes", "4096"], "'4096' is not a positive integer"),
     (lambda d: ["--num_train_epochs", "2", "--sweep_batch_sizes", "2"], "give --max_train_steps"),
     (lambda d: ["--merge_results", str(d), "--sweep_batch_sizes", "2"], "leave out the --sweep_* settings"),
+    (lambda d: ["--output_dir", str(Path(_write(d / "mine" / "notes.txt", "x")).parent), "--sweep_batch_sizes", "2"],
+     "holds files this toolkit did not write (notes.txt)"),
     (lambda d: ["--max_train_steps", "2", "--sweep_batch_sizes", "1,2"], "--max_train_steps 2 leaves none"),
 ]
 
