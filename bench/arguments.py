@@ -48,12 +48,15 @@ def gib(text: str) -> float:
 
 
 def output_file(text: str) -> str:
-    """A file the bench writes at its end (--json, --plot): refused at the start if it could not be written then."""
+    """A file the bench writes (--json, --plot): refused at the start if it could not be written, or if it exists (a
+    rerun must not replace an earlier run's figures)."""
     if not text:
         return text
     folder = os.path.dirname(os.path.abspath(text))
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    if os.path.lexists(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists (an earlier run's?); give a new name, or remove it")
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"{folder!r} is not a directory; create it first")
     if not os.access(folder, os.W_OK):
