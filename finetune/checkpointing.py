@@ -151,9 +151,8 @@ def check_output_dir(output_dir: str, ours=holds_run) -> None:
         raise UsageError(f"--output_dir {output_dir!r} cannot be written ({why})")
     theirs = sorted(p.name for p in path.iterdir() if p.name not in NOT_THE_USERS) if path.is_dir() else []
     if theirs and not ours(path):
-        raise UsageError(f"--output_dir {output_dir!r} holds files this toolkit did not write "
-                         f"({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}) and no run; give a new or "
-                         f"empty directory")
+        raise UsageError(f"--output_dir {output_dir!r} holds other files ({', '.join(theirs[:3])}"
+                         f"{', ...' if len(theirs) > 3 else ''}) and no run to resume; give a new or empty directory")
 
 
 def read_manifest(output_dir: str, warn: bool = True) -> dict | None:

@@ -620,8 +620,8 @@ def test_a_directory_of_the_users_files_is_refused_even_with_overwrite(tmp_path,
     before = _snapshot(out)
     for extra in ((), ("--overwrite_output_dir",)):
         done = rerun(capsys, out, *extra)
-        assert done.returncode == 2 and "holds files this toolkit did not write (README.md, adapter_config.json, " \
-            "notes.txt) and no run; give a new or empty directory" in done.stderr, done.stderr
+        assert done.returncode == 2 and "holds other files (README.md, adapter_config.json, notes.txt) and " \
+            "no run to resume; give a new or empty directory" in done.stderr, done.stderr
         assert _snapshot(out) == before
     for name in ("README.md", "notes.txt", "adapter_config.json"):  # what a run leaves before its first checkpoint
         (out / name).unlink()
@@ -751,7 +751,7 @@ SWEEP_INPUTS = [
     (lambda d: ["--num_train_epochs", "2", "--sweep_batch_sizes", "2"], "give --max_train_steps"),
     (lambda d: ["--merge_results", str(d), "--sweep_batch_sizes", "2"], "leave out the --sweep_* settings"),
     (lambda d: ["--output_dir", str(Path(_write(d / "mine" / "notes.txt", "x")).parent), "--sweep_batch_sizes", "2"],
-     "holds files this toolkit did not write (notes.txt)"),
+     "holds other files (notes.txt) and no run to resume"),
     (lambda d: ["--max_train_steps", "2", "--sweep_batch_sizes", "1,2"], "--max_train_steps 2 leaves none"),
 ]
 
