@@ -1,6 +1,8 @@
 """The Hub: the model card every finished output directory carries (README.md, with the metadata header PEFT and the
 Trainer write, so an uploaded adapter shows its base, data and results), and the upload of the adapter folder."""
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -97,8 +99,10 @@ def push(args, outputs: list[str]) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    import httpx
-
+    # a refused or unresolvable connection surfaces as the HTTP client's own error: httpx's under huggingface_hub 1,
+    # httpx2's under 2 (hence both, where installed)
+    transport = tuple(importlib.import_module(name).HTTPError for name in ("httpx", "httpx2")
+                      if importlib.util.find_spec(name))
     repo_id, token = repository(args), args.hf_token or None
     patterns = [name for name in outputs if name not in NOT_UPLOADED]
     try:
@@ -106,7 +110,7 @@ def push(args, outputs: list[str]) -> None:
         repo = api.create_repo(repo_id, private=args.hub_private, exist_ok=True)
         api.upload_folder(folder_path=args.output_dir, repo_id=repo.repo_id, allow_patterns=patterns,
                           commit_message=f"Adapter trained with starcoder-lora ({repository(args)})")
-    except (OSError, HfHubHTTPError, OfflineModeIsEnabled, httpx.HTTPError) as error:
+    except (OSError, HfHubHTTPError, OfflineModeIsEnabled, *transport) as error:
         privacy = " --private" if args.hub_private else ""
         print(f"warning: the adapter was not uploaded ({str(error).splitlines()[0][:120]}); it stays in "
               f"{args.output_dir}. Upload it later with: hf upload {repo_id} {args.output_dir}{privacy} "

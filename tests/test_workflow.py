@@ -2,6 +2,7 @@
 files, the Hub's model card and upload, training on a finished run, and what the scripts print and write."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -213,14 +214,22 @@ def test_push_to_hub_uploads_the_adapter_folder_privately(tmp_path, monkeypatch,
     assert "uploaded to https://huggingface.co/me/out (private)" in capsys.readouterr().out
 
 
-def test_without_a_network_the_adapter_stays_local_and_the_run_says_how_to_upload(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_TOKEN", "hf_StandInToken")  # HF_HUB_OFFLINE=1 (conftest): the Hub cannot be reached
-    base_example.main(tiny_args(tmp_path / "out", max_train_steps=1, eval_steps=1, push_to_hub=True,
-                                hub_model_id="me/adapter"))
-    lines = [line for line in capsys.readouterr().out.splitlines() if "not uploaded" in line]
+@pytest.mark.parametrize("network", [
+    {"HF_HUB_OFFLINE": "1"},  # offline mode: huggingface_hub's own error
+    {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # a refused connection: the HTTP client's error
+])
+def test_without_a_network_the_adapter_stays_local_and_the_run_says_how_to_upload(tmp_path, network):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "base_example.py", "--model", "tiny-starcoder", "--dataset", "stdlib-code",
+                           "--seq_length", "64", "--max_train_steps", "1", "--eval_steps", "1", "--report_to", "none",
+                           "--push_to_hub", "--hub_model_id", "me/adapter", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_TOKEN="hf_StandInToken", **network))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "not uploaded" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: the adapter was not uploaded")
-    assert f"hf upload me/adapter {tmp_path / 'out'} --private --include" in lines[0]
-    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert f"hf upload me/adapter {out} --private --include" in lines[0]
+    assert (out / "manifest.json").is_file()
 
 
 def test_push_to_hub_without_a_token_is_refused_before_training(tmp_path, monkeypatch, capsys):
