@@ -100,13 +100,17 @@ class GenerateArguments:
                     "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
         cli.require(self.num_samples == 1 or self.humaneval, "--num_samples is HumanEval's completions per problem; "
                                                              "give --humaneval too, or leave --num_samples out")
-        tasks = [flag for flag, given in (("--prompt", self.prompt), ("--prompts_file", self.prompts_file),
-                                          ("--prefix/--suffix", self.infilling), ("--evaluate", self.evaluate),
-                                          ("--humaneval", self.humaneval),
-                                          ("--humaneval_infilling", self.humaneval_infilling)) if given]
-        cli.require(not (self.merge and tasks), f"--merge saves the merged model and does nothing else; give "
-                                                f"{', '.join(tasks)} in another command")
+        cli.require(not (self.merge and self.tasks), f"--merge saves the merged model and does nothing else; give "
+                                                     f"{', '.join(self.tasks)} in another command")
         self.dataset = cli.local_path(self.dataset) if self.dataset else ""
+
+    @property
+    def tasks(self) -> list[str]:
+        """What was asked of the adapter besides a merge, as the flags that asked."""
+        return [flag for flag, given in (("--prompt", self.prompt), ("--prompts_file", self.prompts_file),
+                                         ("--prefix/--suffix", self.infilling), ("--evaluate", self.evaluate),
+                                         ("--humaneval", self.humaneval),
+                                         ("--humaneval_infilling", self.humaneval_infilling)) if given]
 
     @property
     def infilling(self) -> bool:
@@ -176,7 +180,7 @@ def main(args: GenerateArguments):
     prompts = list(args.prompt) + from_file
     prefix = inference.read_text(args.prefix_file, "--prefix_file") if args.prefix_file else args.prefix
     suffix = inference.read_text(args.suffix_file, "--suffix_file") if args.suffix_file else args.suffix
-    if not (prompts or args.infilling or args.evaluate or args.humaneval or args.humaneval_infilling):
+    if not args.tasks:  # an empty --prompts_file was refused above
         raise UsageError("nothing to do: give --prompt TEXT or --prompts_file FILE, --prefix/--suffix, or "
                          "--evaluate, --humaneval, --humaneval_infilling, --merge")
     run = inference.run_config(args.adapter)

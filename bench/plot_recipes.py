@@ -6,6 +6,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -20,7 +21,7 @@ def measured_rows(results_path: str) -> tuple[dict, list[dict]]:
     """The run's header and its measured rows, slowest first; ValueError for a file bench/recipes.py did not write,
     or one with no measured recipe."""
     try:
-        run = json.load(open(results_path))
+        run = json.loads(Path(results_path).read_text())
         rows = [r for r in run["results"] if "tokens_per_second" in r]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{results_path!r} is not a bench/recipes.py JSON file ({error})") from None

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from .errors import Finished, Stopped, UsageError, first_line
 from . import files
+from .tracking import ID_FILE
 from .files import fsync, write_atomically
 
 MARKER = "checkpoint.complete"
@@ -127,7 +128,7 @@ def comparable(args, data_fingerprint: str) -> dict:
 
 # What a directory holds that is not the user's, before a run's first checkpoint records the run there: the lock,
 # the staging area, W&B's id and folder, a sweep configuration's result.json; and a volume's lost+found.
-NOT_THE_USERS = {LOCK, STAGING, "wandb_run_id", "wandb", "result.json", "lost+found"}
+NOT_THE_USERS = {LOCK, STAGING, ID_FILE, "wandb", "result.json", "lost+found"}  # result.json: sweep.RESULT
 
 
 def check_output_dir(output_dir: str, ours=holds_run) -> None:
@@ -290,7 +291,7 @@ def previous_run_files(output_dir: str) -> list[Path]:
     out = Path(output_dir)
     manifest = read_manifest(output_dir, warn=False) or {}
     named = [out / name for name in manifest.get("outputs", {}) if "/" not in name and not name.startswith(".")]
-    named += [out / name for name in (RUN_CONFIG, "wandb_run_id") if (out / RUN_CONFIG).is_file()]
+    named += [out / name for name in (RUN_CONFIG, ID_FILE) if (out / RUN_CONFIG).is_file()]
     named += [out / MANIFEST] if manifest else []
     return [*complete_checkpoints(output_dir), *dict.fromkeys(p for p in named if p.is_file() and not p.is_symlink())]
 

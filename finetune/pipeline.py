@@ -56,9 +56,9 @@ def prepare(args: TrainArguments, quantization: BitsAndBytesConfig | None = None
     train_examples, eval_examples, data_format, digest = data.load_splits(
         args.dataset, args.prompt_column, args.completion_column, tokenizer, token, args.max_eval_samples, args.seed,
         args.dataset_split, args.eval_dataset, args.eval_split, args.extensions, args.max_file_bytes)
-    completion_only = data.has_prompts(train_examples) if args.completion_only_loss is None \
-        else args.completion_only_loss
-    if completion_only and not data.has_prompts(train_examples):
+    prompted = data.has_prompts(train_examples)
+    completion_only = prompted if args.completion_only_loss is None else args.completion_only_loss
+    if completion_only and not prompted:
         raise UsageError(f"--completion_only_loss true needs prompts, and {args.dataset!r} is {data_format} data "
                          f"with none: every token is trained already; leave out --completion_only_loss")
     per_example = args.packing and args.packed_attention == "per_example"
