@@ -341,6 +341,16 @@ def commit(staged: Path, final: Path, best_step: int | None) -> None:
     fsync(final.parent)
 
 
+def any_rank(flag: bool, device) -> bool:
+    """Whether `flag` holds on any process: every rank must stop at the same step, or the others wait for ever in the
+    next all-reduce."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 class CheckpointCallback(TrainerCallback):
     """Commits checkpoints atomically (recording the run's configuration with the first), keeps the newest `keep`
     plus the best, and turns SIGTERM/SIGINT into a stop after the step in flight with a checkpoint; past
@@ -375,13 +385,8 @@ class CheckpointCallback(TrainerCallback):
         os._exit(128 + number)
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.signal is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank must stop at the same step, or the others wait for ever in the next all-reduce
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-            self.signal = self.signal or (signal.SIGTERM if stop else None)
+        stop = any_rank(self.signal is not None, args.device)
+        self.signal = self.signal or (signal.SIGTERM if stop else None)
         if stop:
             control.should_save = True
             control.should_training_stop = True

@@ -10,6 +10,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState
 from . import checkpointing, console, evaluation, files, hub, humaneval, manifest, tracking
 from .cli import TrainArguments
 from .data import Collator
+from .errors import UsageError
 from .modeling import autocast_dtype, compute_dtype
 from .pipeline import Prepared
 
@@ -80,9 +81,32 @@ def build_trainer(args: TrainArguments, run: Prepared, callbacks=(), more_argume
                                                    grace_period=args.grace_period_seconds)
     trainer.callback_handler.callbacks[:0] = [*callbacks, checkpoints]
     trainer.add_callback(console.ConsoleCallback())
+    trainer.add_callback(DivergenceGuard())  # after the Trainer's own: it reads which steps log, evaluate or save
     if run.finished_at:
         trainer.add_callback(ScheduleSegment(run.finished_at, args))
     return trainer
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops a run whose adapter weights turned NaN or infinite (a learning rate too high, an fp16 overflow its loss
+    scaler did not catch) before it evaluates or saves them: no checkpoint holds damaged weights, and train() refuses
+    to finish the run. Looked at only on steps that log, evaluate or save, which wait for the GPU anyway: a check
+    every step would make the CPU wait for it every step (docs/PERFORMANCE.md, 2026-12-06). A step that fp16's loss
+    scaler skipped (a non-finite loss, the weights untouched) is no divergence."""
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not (control.should_log or control.should_evaluate or control.should_save):
+            return
+        trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        norms = torch._foreach_norm(trained) if trained else []  # a few kernels for every weight, one wait
+        finite = bool(torch.stack([norm.float() for norm in norms]).isfinite().all()) if norms else True
+        if checkpointing.any_rank(not finite, args.device):
+            self.step = state.global_step
+            control.should_evaluate = control.should_save = False
+            control.should_training_stop = True
 
 
 class ScheduleSegment(TrainerCallback):
@@ -134,6 +158,15 @@ def train(trainer: Trainer, args: TrainArguments, run: Prepared) -> None:
     handler = trainer.callback_handler
     next(cb for cb in handler.callbacks if isinstance(cb, checkpointing.CheckpointCallback)).raise_if_stopped(
         trainer.state)
+    diverged = next(cb for cb in handler.callbacks if isinstance(cb, DivergenceGuard)).step
+    if diverged is not None:
+        kept = last_checkpoint(args.output_dir)
+        fp16 = ", or compute in bfloat16 rather than float16 (--dtype bfloat16)" if trainer.args.fp16 else ""
+        kept = f"checkpoint kept: {kept}" if kept else "no checkpoint"
+        raise UsageError(f"the adapter's weights became NaN or infinite by step {diverged} (the training diverged): "
+                         f"the run stopped before saving them ({kept}). Lower --learning_rate (now "
+                         f"{args.learning_rate:g}){fp16}, and start again with a new --output_dir or "
+                         f"--overwrite_output_dir")
 
 
 def restore(trainer: Trainer, checkpoint: str) -> None:

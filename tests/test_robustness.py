@@ -373,6 +373,42 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_directory_free(
     assert json.loads((tmp_path / "out" / checkpointing.RUN_CONFIG).read_text())["learning_rate"] == 2e-3
 
 
+def test_a_learning_rate_that_diverges_is_one_line_and_no_adapter(tmp_path, capsys):
+    out = tmp_path / "out"
+    line = refused(capsys, base_example.main, (TrainArguments,),
+                   ["--model", "tiny-starcoder", "--dataset", "stdlib-code", "--report_to", "none", "--output_dir",
+                    str(out), "--max_train_steps", "2", "--learning_rate", "1e10"])
+    assert "the adapter's weights became NaN or infinite by step 2" in line and "Lower --learning_rate" in line, line
+    assert not {"adapter_model.safetensors", "manifest.json", "checkpoint-2"} & {p.name for p in out.iterdir()}
+
+
+def test_weights_that_turn_nan_are_never_saved_and_a_rerun_resumes_from_the_last_good_checkpoint(tmp_path,
+                                                                                                  monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from finetune import training
+
+    class Poison(TrainerCallback):  # what a too-high learning rate does, at step 3 of a run that saves every 2 steps
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for name, p in model.named_parameters() if "lora_B" in name).fill_(float("nan"))
+
+    build = training.build_trainer
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "build_trainer", lambda *a, callbacks=(), **k: build(*a, callbacks=[Poison()], **k))
+        with pytest.raises(cli.UsageError, match="NaN or infinite by step 4 .*checkpoint kept: .*checkpoint-2"):
+            base_example.main(tiny_args(out, eval_steps=2, logging_steps=5))
+    assert [p.name for p in checkpointing.complete_checkpoints(str(out))] == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "manifest.json").exists()
+    base_example.main(tiny_args(out, eval_steps=2, logging_steps=5))  # the same command, resumed at step 2
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["global_step"] == 6
+    assert all(weight.isfinite().all() for weight in load_file(out / "adapter_model.safetensors").values())
+
+
 def test_overwrite_removes_the_previous_run_before_the_new_one_writes(tmp_path, monkeypatch):
     from finetune import training
 
