@@ -100,6 +100,9 @@ class GenerateArguments:
                     "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
         cli.require(self.num_samples == 1 or self.humaneval, "--num_samples is HumanEval's completions per problem; "
                                                              "give --humaneval too, or leave --num_samples out")
+        cli.require(self.humaneval_limit == 0 or self.humaneval or self.humaneval_infilling,
+                    "--humaneval_limit chooses the problems --humaneval and --humaneval_infilling run; give one of "
+                    "them too, or leave --humaneval_limit out")
         cli.require(not (self.merge and self.tasks), f"--merge saves the merged model and does nothing else; give "
                                                      f"{', '.join(self.tasks)} in another command")
         self.dataset = cli.local_path(self.dataset) if self.dataset else ""

@@ -336,14 +336,12 @@ class TrainArguments:
                 f"--checkpointed_layers must be all, fit or a number of layers, got {layers!r}")
         require(0 <= self.offloaded_layers <= MAX_COUNT, f"--offloaded_layers must be a number of layers, 0 or more, "
                                                          f"got {self.offloaded_layers}")
-        # The settings that act on the layers --gradient_checkpointing checkpoints, with the values that turn them off
-        on_checkpointed = {name: off for name, off in (("checkpointed_layers", "all"), ("offloaded_layers", 0),
-                                                       ("offload_layer_inputs", False)) if getattr(self, name) != off}
-        if on_checkpointed and not self.gradient_checkpointing:
-            verb = "act" if len(on_checkpointed) > 1 else "acts"
-            raise UsageError(f"{self.named(*on_checkpointed)} {verb} on the layers --gradient_checkpointing "
-                             f"checkpoints, and it is off: {self.ways_to(gradient_checkpointing=True)}, or "
-                             f"{self.ways_to(**on_checkpointed)}")
+        for acted_on, switches, idle in self._ACTING_THROUGH:
+            acting = {name: off for name, off in idle.items() if getattr(self, name) != off}
+            if acting and not any(getattr(self, name) for name in switches):
+                raise UsageError(f"{self.named(*acting)} {'act' if len(acting) > 1 else 'acts'} on {acted_on}: "
+                                 f"{self.ways_to(**{switches[0]: True})}, or {self.ways_to(**acting)}")
+        on_checkpointed = {name: off for name, off in self._ON_CHECKPOINTED.items() if getattr(self, name) != off}
         for name in ("offloaded_layers", "offload_layer_inputs"):
             if self.compile_layers and name in on_checkpointed:
                 raise UsageError(f"{self.named(name)} is not built for compiled layers: "
@@ -365,6 +363,18 @@ class TrainArguments:
         self.model = local_path(self.model)
         self.dataset = local_path(self.dataset)
         self.eval_dataset = local_path(self.eval_dataset) if self.eval_dataset.strip() else ""
+
+    # The settings that act on the layers --gradient_checkpointing checkpoints, with the values that do nothing
+    _ON_CHECKPOINTED = dict(checkpointed_layers="all", offloaded_layers=0, offload_layer_inputs=False)
+    # Settings that act only through others: what they act on, the settings that turn it on (any one), and the
+    # settings with their values that do nothing
+    _ACTING_THROUGH = (
+        ("the layers --gradient_checkpointing checkpoints, and it is off", ("gradient_checkpointing",),
+         _ON_CHECKPOINTED),
+        ("the blocks --packing makes, and it is off", ("packing",), dict(packed_attention="per_example")),
+        ("the problems --humaneval and --humaneval_infilling run, and both are off",
+         ("humaneval", "humaneval_infilling"), dict(humaneval_limit=0)),
+    )
 
     # The settings that keep adapted layers off finetune/fusion.py's one-function path, and the values that do not
     _FUSED_PATH = dict(fuse_lora=True, lora_dropout=0, mixed_precision=False, fp32_adapter=False, fp32_upcast=False)

@@ -171,7 +171,9 @@ def run_configuration(script: str, args, speed, config: dict, sweep_dir: str, la
                                      checkpointed_layers=args.checkpointed_layers if checkpointing else "all",
                                      offloaded_layers=args.offloaded_layers if checkpointing else 0,
                                      offload_layer_inputs=args.offload_layer_inputs and checkpointing,
-                                     packing=config["packing"], recipe=None, overwrite_output_dir=True,  # measure anew
+                                     packing=config["packing"],  # with it, its attention
+                                     packed_attention=args.packed_attention if config["packing"] else "per_example",
+                                     recipe=None, overwrite_output_dir=True,  # measure anew
                                      eval_steps=args.max_train_steps)  # one evaluation, at the end
     child_speed = dataclasses.replace(speed, num_workers=config["num_workers"], pin_memory=config["pin_memory"])
     print(f"[sweep {label}] {config_name(config)}", flush=True)

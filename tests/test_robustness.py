@@ -131,6 +131,10 @@ TRAINING = [  # (argv after the common ones, given the fixture's directory; a fr
     (lambda d: ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
      "--offloaded_layers 2 is not built for compiled layers: leave out --compile_layers, or leave out "
      "--offloaded_layers 2"),
+    (lambda d: ["--packed_attention", "joined"], "--packed_attention joined acts on the blocks --packing makes, and "
+                                                 "it is off: set --packing, or leave out --packed_attention joined"),
+    (lambda d: ["--humaneval_limit", "5"], "--humaneval_limit 5 acts on the problems --humaneval and "
+                                           "--humaneval_infilling run, and both are off: set --humaneval, or leave"),
     (lambda d: ["--offload_layer_inputs"], "--offload_layer_inputs acts on the layers --gradient_checkpointing "
                                            "checkpoints"),
     (lambda d: ["--recipe", "lean", "--gradient_checkpointing", "false"],
@@ -230,6 +234,8 @@ def _take(argv: list[str], way: str) -> list[str]:
     ["--recipe", "lean", "--compile_layers"], ["--recipe", "lean", "--gradient_checkpointing", "false"],
     ["--recipe", "lean", "--offload_layer_inputs", "--gradient_checkpointing", "false"],
     ["--checkpointed_layers", "2"], ["--gradient_checkpointing", "--offloaded_layers", "2", "--compile_layers"],
+    ["--packed_attention", "joined"], ["--recipe", "fast", "--packing", "false", "--packed_attention", "joined"],
+    ["--humaneval_limit", "5"],
     ["--recipe", "fp8", "--dtype", "float16"], ["--recipe", "tutorial", "--quantization", "fp8"],
     ["--recipe", "tutorial", "--quantization", "fp8", "--dtype", "float32"], ["--recipe", "fp8", "--fp8_matmuls"],
     ["--recipe", "lean_fp8", "--quantization", "8bit"], ["--recipe", "qlora", "--fp8_matmuls"],
@@ -283,6 +289,8 @@ GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
     (lambda a, d: ["--adapter", str(a)], "nothing to do"),
     (lambda a, d: ["--adapter", str(a), "--prompts_file", _write(d / "blank.txt", "\n  \n")], "holds no prompt"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--num_samples", "2"], "give --humaneval too"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--humaneval_limit", "5"], "--humaneval_limit chooses the "
+                                                                                   "problems --humaneval and"),
     (lambda a, d: ["--adapter", str(a), "--merge", "--merged_dir", str(d / "merged"), "--prompt", "x", "--evaluate"],
      "--merge saves the merged model and does nothing else; give --prompt, --evaluate in another command"),
     (lambda a, d: ["--adapter", str(a), "--humaneval_limit", "-1"], "--humaneval_limit must be"),

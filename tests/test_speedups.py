@@ -18,12 +18,14 @@ OUTPUTS = ["results.csv", "results.json", "model_tflops_vs_batch_size.png", "sam
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """A sweep over batch sizes 2 and 4, unpacked and packed, on five short training examples: packing them into
-    256-token blocks makes no full block, so both packed configurations fail, and the sweep must go on."""
+    256-token blocks makes no full block, so both packed configurations fail, and the sweep must go on. The packed
+    blocks' attention is joined, which the unpacked configurations leave out (it acts on packing's blocks only)."""
     out = tmp_path_factory.mktemp("sweep")
     pairs = out.parent / "pairs.jsonl"
     rows = [{"prompt": f"Add {n} to x.", "completion": f"def add{n}(x):\n    return x + {n}"} for n in range(6)]
     pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    args = tiny_args(out, dataset=str(pairs), max_train_steps=4, seq_length=256)
+    args = tiny_args(out, dataset=str(pairs), max_train_steps=4, seq_length=256, packing=True,
+                     packed_attention="joined")
     rows = main(args, SpeedupArguments(num_workers=0), SweepArguments(sweep_batch_sizes="2,4",
                                                                      sweep_packing="false,true"))
     return out, rows
