@@ -66,6 +66,11 @@ class GenerateArguments:
     merged_dir: str = field(default="./merged", metadata={"help": "Where --merge saves the model and tokenizer."})
     overwrite_merged_dir: bool = field(default=False, metadata={"help": "Replace what --merged_dir holds."})
 
+    # What a task's settings act on: given without it, they would do nothing
+    _SETTINGS_OF = ((("evaluate",), ("dataset", "seq_length", "max_eval_samples", "seed")),
+                    (("humaneval", "humaneval_infilling"), ("humaneval_limit",)),
+                    (("merge",), ("merged_dir", "overwrite_merged_dir")))
+
     _help_groups = {
         "model": ("adapter", "model", "quantization"),
         "generation": ("prompt", "prompts_file", "max_new_tokens", "do_sample", "temperature", "top_p"),
@@ -100,9 +105,12 @@ class GenerateArguments:
                     "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
         cli.require(self.num_samples == 1 or self.humaneval, "--num_samples is HumanEval's completions per problem; "
                                                              "give --humaneval too, or leave --num_samples out")
-        cli.require(self.humaneval_limit == 0 or self.humaneval or self.humaneval_infilling,
-                    "--humaneval_limit chooses the problems --humaneval and --humaneval_infilling run; give one of "
-                    "them too, or leave --humaneval_limit out")
+        for tasks, settings in self._SETTINGS_OF:
+            given = [f"--{name}" for name in settings if getattr(self, name) != self.__dataclass_fields__[name].default]
+            task = " or ".join(f"--{name}" for name in tasks)
+            cli.require(not given or any(getattr(self, name) for name in tasks),
+                        f"{' and '.join(given)} {'act' if len(given) > 1 else 'acts'} with {task}, which is not "
+                        f"given: give {task} too, or leave out {' and '.join(given)}")
         cli.require(not (self.merge and self.tasks), f"--merge saves the merged model and does nothing else; give "
                                                      f"{', '.join(self.tasks)} in another command")
         self.dataset = cli.local_path(self.dataset) if self.dataset else ""

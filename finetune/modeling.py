@@ -2,10 +2,11 @@
 device, and the adapter on top."""
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -281,12 +282,27 @@ def checkpoint_only_first(model, layers: int) -> None:
 
 
 def load_adapter(base, adapter: str, base_name: str):
-    """A trained adapter on `base` (peft's PeftModel); one whose shapes or layer names do not fit is refused."""
+    """A trained adapter on `base` (peft's PeftModel); one whose shapes or layer names do not fit is refused. Names
+    that fit in part (an adapter of StarCoder's c_attn and c_proj on StarCoder2, whose MLP has a c_proj) peft loads
+    with a warning, leaving the layers it misses at their start, B = 0: the base alone, shown as base + adapter."""
+    does_not_fit = f"the adapter in {adapter!r} was trained on {adapter_base(adapter)!r} and does not fit {base_name!r}"
     try:
-        return PeftModel.from_pretrained(base, adapter)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # refused below, in one line
+            model = PeftModel.from_pretrained(base, adapter)
     except (RuntimeError, ValueError, KeyError, OSError) as error:
-        raise UsageError(f"the adapter in {adapter!r} was trained on {adapter_base(adapter)!r} and does not fit "
-                         f"{base_name!r}: {first_line(error)[:200]}") from None
+        raise UsageError(f"{does_not_fit}: {first_line(error)[:200]}") from None
+    # LoRA's weights by the names peft saves (without the adapter's name); other saved weights (embeddings) aside
+    with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as weights:
+        saved = {name for name in weights.keys() if "lora_" in name}
+    wanted = {name for name in get_peft_model_state_dict(model, save_embedding_layers=False) if "lora_" in name}
+    way_out = ("leave out --model to load its own base" if base_name != adapter_base(adapter) else
+               "its weights file is incomplete: restore it, or retrain")
+    for names, what in ((saved - wanted, "of its weights have no layer there"),
+                        (wanted - saved, "of the layers it adapts there have no weights in it")):
+        if names:
+            raise UsageError(f"{does_not_fit}: {len(names)} {what} ({sorted(names)[0]}, ...); {way_out}")
+    return model
 
 
 def adapter_config(adapter: str) -> dict:

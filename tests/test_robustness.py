@@ -268,6 +268,18 @@ def adapter(tmp_path_factory) -> Path:
     return out
 
 
+def _partial_adapter(adapter: Path, scratch: Path) -> str:
+    """A copy of `adapter` whose weights file lacks the first layer's c_attn: a file cut and saved again."""
+    from safetensors.torch import load_file, save_file
+
+    copy = scratch / "partial"
+    shutil.copytree(adapter, copy, ignore=shutil.ignore_patterns("checkpoint-*", "wandb"))
+    weights = load_file(copy / "adapter_model.safetensors")
+    save_file({name: w for name, w in weights.items() if ".0.attn.c_attn." not in name},
+              copy / "adapter_model.safetensors")
+    return str(copy)
+
+
 GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
     (lambda a, d: ["--adapter", str(Path(_write(d / "adapter_config.json", "{not json")).parent), "--prompt", "x"],
      "(the adapter's configuration) cannot be read"),
@@ -275,6 +287,10 @@ GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
                    "--prompt", "x"], "names no base model"),
     (lambda a, d: ["--adapter", str(d / "none"), "--prompt", "x"], "holds no adapter"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "word " * 2000], "the model has 1024"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--model", "tiny-starcoder2"],  # its MLP has a c_proj too
+     "and does not fit 'tiny-starcoder2': 24 of its weights have no layer there (base_model.model.transformer.h.0.attn"),
+    (lambda a, d: ["--adapter", _partial_adapter(a, d), "--prompt", "x"], "2 of the layers it adapts there have no "
+                                                                          "weights in it"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--max_new_tokens", "0"], "--max_new_tokens must be"),
     (lambda a, d: ["--adapter", str(a), "--prompts_file", str(d / "none.txt")], "cannot be read as UTF-8 text"),
     (lambda a, d: ["--adapter", str(a), "--prompts_file", _write_bytes(d / "b.txt", b"\xff\x81")],
@@ -289,8 +305,12 @@ GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
     (lambda a, d: ["--adapter", str(a)], "nothing to do"),
     (lambda a, d: ["--adapter", str(a), "--prompts_file", _write(d / "blank.txt", "\n  \n")], "holds no prompt"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--num_samples", "2"], "give --humaneval too"),
-    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--humaneval_limit", "5"], "--humaneval_limit chooses the "
-                                                                                   "problems --humaneval and"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--humaneval_limit", "5"], "--humaneval_limit acts with "
+                                                                                   "--humaneval or --humaneval_infilling"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--dataset", "stdlib-code", "--seed", "3"],
+     "--dataset and --seed act with --evaluate, which is not given: give --evaluate too, or leave out --dataset and"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--merged_dir", str(d / "m")], "--merged_dir acts with "
+                                                                                        "--merge"),
     (lambda a, d: ["--adapter", str(a), "--merge", "--merged_dir", str(d / "merged"), "--prompt", "x", "--evaluate"],
      "--merge saves the merged model and does nothing else; give --prompt, --evaluate in another command"),
     (lambda a, d: ["--adapter", str(a), "--humaneval_limit", "-1"], "--humaneval_limit must be"),
