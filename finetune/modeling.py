@@ -26,9 +26,10 @@ def resolve(model: str) -> str:
 
 
 def _not_loadable(model: str, error: Exception) -> UsageError:
-    return UsageError(f"could not load model {model!r}: {first_line(error)[:300]}. Check the hub id or path; for a "
-                      f"gated model (bigcode/starcoder is one) accept its licence and set HF_TOKEN; offline, use a "
-                      f"local path or `tiny-starcoder`.")
+    cause = first_line(error)[:300].rstrip(".")
+    return UsageError(f"could not load model {model!r}: {cause}. Check the hub id or path; for a gated model "
+                      f"(bigcode/starcoder is one) accept its licence and set HF_TOKEN; offline, use a local path or "
+                      f"`tiny-starcoder`.")
 
 
 def load_tokenizer(model: str, token: str | None = None):
