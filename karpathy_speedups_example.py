@@ -17,6 +17,7 @@ Throughput counts non-padding tokens only, so packed and padded runs compare hon
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from finetune import cli, sweep
@@ -44,7 +45,23 @@ class SpeedupArguments:
             raise UsageError(f"--memory_budget_gib must be a number, 0 or more, got {self.memory_budget_gib}")
 
 
+def check_workers(speed: SpeedupArguments, sweeping: SweepArguments | None) -> None:
+    """Each data loader worker is a process: more than the CPUs this process may use only contend for them (a typo's
+    100000 forked until the kernel killed the run). Checked here, not as the arguments parse: it is this machine's
+    limit, and a Job's arguments are parsed elsewhere too. The default runs anywhere."""
+    if sweeping is not None and sweeping.merge_results:
+        return  # runs nothing
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = max(cpus, SpeedupArguments.num_workers)
+    flag, counts = (("--sweep_num_workers", sweeping.worker_counts) if sweeping and sweeping.worker_counts else
+                    ("--num_workers", [speed.num_workers]))
+    if max(counts) > limit:
+        raise UsageError(f"{flag} asks for {max(counts)} data loader workers, and this process may use {cpus} CPUs: "
+                         f"each worker is a process of its own; give at most {limit}")
+
+
 def main(args: TrainArguments, speed: SpeedupArguments, sweeping: SweepArguments | None = None):
+    check_workers(speed, sweeping)
     if sweeping is not None and sweeping.requested:
         return sweep.main(__file__, args, speed, sweeping)  # the study: many runs of this script
     import torch  # the libraries load once the arguments are valid: --help answers at once

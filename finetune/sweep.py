@@ -80,10 +80,11 @@ class SweepArguments:
 
     def __post_init__(self):
         self.auto = self.sweep_batch_sizes.strip() == "auto"
-        self.batch_sizes = [] if self.auto else _parse_list("sweep_batch_sizes", self.sweep_batch_sizes,
-                                                             lambda text: _whole_number(text, minimum=1),
-                                                             "a positive integer (or use `auto`)")
-        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _whole_number, "a whole number")
+        self.batch_sizes = [] if self.auto else _parse_list(
+            "sweep_batch_sizes", self.sweep_batch_sizes, lambda text: _whole_number(text, minimum=1),
+            f"a positive integer up to {AUTO_MAX_BATCH} (or use `auto`)")
+        self.worker_counts = _parse_list("sweep_num_workers", self.sweep_num_workers, _whole_number,
+                                         f"a whole number up to {AUTO_MAX_BATCH}")
         self.pin_memory_choices = _parse_list("sweep_pin_memory", self.sweep_pin_memory, _boolean, "true or false")
         self.packing_choices = _parse_list("sweep_packing", self.sweep_packing, _boolean, "true or false")
         self.checkpointing_choices = _parse_list("sweep_gradient_checkpointing", self.sweep_gradient_checkpointing,

@@ -173,6 +173,9 @@ SWEEP = [
     (["--sweep_batch_sizes", "0"], "'0' is not a positive integer"),
     (["--sweep_packing", "maybe"], "'maybe' is not true or false"),
     (["--num_workers", "-1"], "--num_workers must be 0 or more"),
+    (["--num_workers", "100000"], "--num_workers asks for 100000 data loader workers, and this process may use"),
+    (["--sweep_num_workers", "0,1000"], "--sweep_num_workers asks for 1000 data loader workers"),
+    (["--sweep_num_workers", "0,100000"], "'100000' is not a whole number up to 1024"),
     (["--memory_budget_gib", "nan"], "--memory_budget_gib must be a number"),
 ]
 
