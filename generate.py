@@ -96,6 +96,8 @@ class GenerateArguments:
             cli.check_counts(max_eval_samples=self.max_eval_samples)
         cli.require(self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2**32 - 1")
         cli.check_given(adapter=self.adapter, merged_dir=self.merged_dir)
+        cli.require(all(prompt.strip() for prompt in self.prompt), "--prompt holds an empty prompt; give each prompt "
+                                                                   "some text")
         cli.require(not (self.prefix and self.prefix_file) and not (self.suffix and self.suffix_file),
                     "give the code around the cursor as text (--prefix/--suffix) or as files (--prefix_file/"
                     "--suffix_file), not both")

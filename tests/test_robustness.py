@@ -308,6 +308,7 @@ GENERATE = [  # (argv given the adapter and a scratch directory, fragment)
     (lambda a, d: ["--adapter", str(a)], "nothing to do"),
     (lambda a, d: ["--adapter", str(a), "--prompts_file", _write(d / "blank.txt", "\n  \n")], "holds no prompt"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--num_samples", "2"], "give --humaneval too"),
+    (lambda a, d: ["--adapter", str(a), "--prompt", "x", " "], "--prompt holds an empty prompt"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--humaneval_limit", "5"], "--humaneval_limit acts with "
                                                                                    "--humaneval or --humaneval_infilling"),
     (lambda a, d: ["--adapter", str(a), "--prompt", "x", "--dataset", "stdlib-code", "--seed", "3"],
