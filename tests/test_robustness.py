@@ -506,6 +506,14 @@ ENVIRONMENT = [  # (variables, a fragment of the one error line); W&B on, as by 
     ({"HF_HOME": "/proc/no-such/hf"}, "$HF_HOME (/proc/no-such/hf) cannot be written"),
     ({"HF_TOKEN": "hf_abcdefghijkl\n"}, "$HF_TOKEN holds spaces or line breaks"),
     ({"HF_HUB_OFFLINE": "maybe"}, "$HF_HUB_OFFLINE must be 1 or 0"),
+    ({"HF_DATASETS_CACHE": "/proc/no-such/d"}, "$HF_DATASETS_CACHE (/proc/no-such/d) cannot be written"),
+    ({"HF_HUB_CACHE": "/proc/no-such/h"}, "$HF_HUB_CACHE (/proc/no-such/h) cannot be written"),
+    ({"LOCAL_RANK": "0"}, "a distributed run ($LOCAL_RANK is set) needs $RANK, $WORLD_SIZE, $MASTER_ADDR, $MASTER_PORT "
+                          "too; launch with torchrun or accelerate launch"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "($WORLD_SIZE is set) needs $LOCAL_RANK, $MASTER_ADDR, $MASTER_PORT too"),
+    ({"RANK": "1"}, "$RANK (1) must be below $WORLD_SIZE (1)"),  # it made the run skip the directory's lock
+    ({"RANK": "abc"}, "$RANK must be a whole number, 0 or more, got 'abc'"),
+    ({"WORLD_SIZE": "0"}, "$WORLD_SIZE must be a whole number, 1 or more, got '0'"),
 ]
 
 
