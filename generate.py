@@ -69,6 +69,7 @@ class GenerateArguments:
     # What a task's settings act on: given without it, they would do nothing
     _SETTINGS_OF = ((("evaluate",), ("dataset", "seq_length", "max_eval_samples", "seed")),
                     (("humaneval", "humaneval_infilling"), ("humaneval_limit",)),
+                    (("humaneval",), ("num_samples",)),  # completions per problem; infilling decodes one
                     (("merge",), ("merged_dir", "overwrite_merged_dir")))
 
     _help_groups = {
@@ -105,8 +106,6 @@ class GenerateArguments:
                     "--prompt_column and --completion_column name --dataset's columns; give --dataset too")
         cli.require(self.num_samples == 1 or not self.humaneval_infilling,
                     "--humaneval_infilling decodes greedily (pass@1); leave --num_samples at 1")
-        cli.require(self.num_samples == 1 or self.humaneval, "--num_samples is HumanEval's completions per problem; "
-                                                             "give --humaneval too, or leave --num_samples out")
         for tasks, settings in self._SETTINGS_OF:
             given = [f"--{name}" for name in settings if getattr(self, name) != self.__dataclass_fields__[name].default]
             task = " or ".join(f"--{name}" for name in tasks)

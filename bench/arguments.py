@@ -5,6 +5,9 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
+
+from finetune.files import writable
 
 
 def _refuse(message: str):
@@ -59,8 +62,9 @@ def output_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} exists (an earlier run's?); give a new name, or remove it")
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"{folder!r} is not a directory; create it first")
-    if not os.access(folder, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{folder!r} cannot be written")
+    why = writable(Path(folder))
+    if why:
+        raise argparse.ArgumentTypeError(f"{folder!r} cannot be written ({why})")
     return text
 
 

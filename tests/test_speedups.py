@@ -175,6 +175,7 @@ def test_bench_refuses_a_recipe_it_does_not_have(script, entry):
     (["bench/recipes.py", "--recipes", "fast", "--profile", "lean"], "--profile lean: lean is not in --recipes"),
     (["bench/recipes.py", "--profile_dir", "{tmp}/a-file"], "is a file; give a directory"),
     (["bench/count_flops.py", "--size", "tiny", "--json", "{tmp}/a-file"], "exists (an earlier run's?)"),
+    (["bench/count_flops.py", "--size", "tiny", "--json", "/proc/table.json"], "'/proc' cannot be written"),
     (["bench/ddp_scaling.py", "--gpus", "2,1"], "give 1 first (the baseline)"),
     (["bench/attention_kernels.py", "--size", "16b"], "--size 16b: gpt_bigcode has 15b, 7b"),
     (["bench/count_flops.py", "--lora_r", "0"], "argument --lora_r: must be 1 or more"),
